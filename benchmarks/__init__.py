@@ -1,0 +1,1 @@
+"""Speed and memory measurements, written to BENCHMARKS.md (`python -m benchmarks.NAME`)."""

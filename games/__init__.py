@@ -1,0 +1,1 @@
+"""Dialogue games: clembench-compatible game masters, players and batched environments (no JAX)."""

@@ -1,0 +1,242 @@
+"""The Llama-family decoder as pure functions over a params pytree.
+
+params = {
+  "embed":      [V, D]
+  "layers": {   stacked over layers so that the forward is one `lax.scan`
+    "attn_norm": [L, D], "wq": [L, D, H, Dh], "wk": [L, D, K, Dh], "wv": [L, D, K, Dh],
+    "wo": [L, H, Dh, D], "mlp_norm": [L, D], "w_gate": [L, D, F], "w_up": [L, D, F],
+    "w_down": [L, F, D]},
+  "final_norm": [D],
+  "lm_head":    [D, V]   (absent when the embedding is tied)
+}
+`param_axes(config)` gives the same tree with a tuple of logical axis names per leaf; the mesh rules in
+`playpen_jax.sharding` turn those into PartitionSpecs. Nothing here decides a sharding.
+
+Attention masking is by segment ids and positions: token i attends to key j iff both carry the same
+non-zero segment id and pos[j] <= pos[i]. Segment 0 marks padding, so left or right padding and packed
+sequences all work, with or without a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import LlamaConfig
+
+Params = dict
+KVCache = dict
+
+_NEG_INF = -1e30  # finite, so that fully masked (padding) rows give a uniform softmax, not NaN
+
+
+def param_axes(config: LlamaConfig) -> Params:
+    """Logical axis names of every param leaf (same tree structure as `init`)."""
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "attn_norm": ("layers", "norm"),
+            "wq": ("layers", "embed", "heads", "head_dim"),
+            "wk": ("layers", "embed", "kv_heads", "head_dim"),
+            "wv": ("layers", "embed", "kv_heads", "head_dim"),
+            "wo": ("layers", "heads", "head_dim", "embed"),
+            "mlp_norm": ("layers", "norm"),
+            "w_gate": ("layers", "embed", "mlp"),
+            "w_up": ("layers", "embed", "mlp"),
+            "w_down": ("layers", "mlp", "embed"),
+        },
+        "final_norm": ("norm",),
+    }
+    if not config.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(config: LlamaConfig) -> Params:
+    """Shape of every param leaf (same tree structure as `init`)."""
+    c = config
+    L, D, F, H, K, Dh, V = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
+                            c.num_kv_heads, c.head_dim, c.vocab_size)
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D), "wq": (L, D, H, Dh), "wk": (L, D, K, Dh), "wv": (L, D, K, Dh),
+            "wo": (L, H, Dh, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
+            "w_down": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init(config: LlamaConfig, rng: jax.Array, init_std: float = 0.02) -> Params:
+    """Random params: normal(0, init_std) weights and unit norm scales, in `config.param_dtype`."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for key, path, shape in zip(keys, paths, leaves):
+        if "norm" in path:
+            out.append(jnp.ones(shape, config.jnp_param_dtype))
+        else:
+            out.append((init_std * jax.random.normal(key, shape, jnp.float32)).astype(
+                config.jnp_param_dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens."""
+    dtype = dtype or config.jnp_dtype
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),  # 0 = empty slot
+        "index": jnp.zeros((), jnp.int32),  # next slot to write
+    }
+
+
+def cache_axes() -> KVCache:
+    """Logical axis names of the KV cache leaves."""
+    kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+    return {"k": kv, "v": kv, "positions": ("batch", "cache_seq"),
+            "segment_ids": ("batch", "cache_seq"), "index": ()}
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2], with Llama 3.x scaling applied when configured."""
+    dh = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates halves (HF layout). x: [B, T, N, Dh]; cos, sin: [B, T, Dh/2] f32."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _attention(q, k, v, mask):
+    """q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh]."""
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(dh)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, dh)
+
+
+def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache_kv, index):
+    """One decoder block. x: [B, T, D]. cache_kv: None or (k, v) each [B, S, K, Dh]."""
+    dt = config.jnp_dtype
+    h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if cache_kv is not None:
+        k_cache, v_cache = cache_kv
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        k, v = k_cache.astype(dt), v_cache.astype(dt)
+        new_kv = (k_cache, v_cache)
+    else:
+        new_kv = None
+    attn = _attention(q, k, v, mask)
+    x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(dt))
+    h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"].astype(dt))
+    return x, new_kv
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: Optional[jax.Array] = None,
+    segment_ids: Optional[jax.Array] = None,
+    kv_cache: Optional[KVCache] = None,
+    *,
+    config: LlamaConfig,
+) -> tuple[jax.Array, Optional[KVCache]]:
+    """Logits [B, T, V] (f32) for tokens [B, T], and the updated KV cache (None if none given).
+
+    positions: [B, T] int, default 0..T-1 (offset by the cache's write index when a cache is given).
+    segment_ids: [B, T] int, default all 1; 0 marks padding. With a cache the T new tokens are
+    written at slots index..index+T-1 of every row and attend to every valid earlier slot.
+    """
+    b, t = tokens.shape
+    offset = kv_cache["index"] if kv_cache is not None else 0
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + offset, (b, t))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    positions = positions.astype(jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+
+    if kv_cache is not None:
+        index = kv_cache["index"]
+        key_pos = jax.lax.dynamic_update_slice(kv_cache["positions"], positions, (0, index))
+        key_seg = jax.lax.dynamic_update_slice(kv_cache["segment_ids"], segment_ids, (0, index))
+    else:
+        index, key_pos, key_seg = None, positions, segment_ids
+    mask = ((segment_ids[:, :, None] == key_seg[:, None, :]) & (segment_ids[:, :, None] != 0)
+            & (key_pos[:, None, :] <= positions[:, :, None]))
+
+    angles = positions[:, :, None].astype(jnp.float32) * jnp.asarray(rope_frequencies(config))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    x = params["embed"].astype(config.jnp_dtype)[tokens]
+
+    def body(x, layer_in):
+        lp, cache_kv = layer_in
+        x, new_kv = _layer(config, x, lp, cos, sin, mask, cache_kv, index)
+        return x, new_kv
+
+    cache_in = (kv_cache["k"], kv_cache["v"]) if kv_cache is not None else None
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], cache_in))
+
+    x = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(config.jnp_dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(config.jnp_dtype),
+                            preferred_element_type=jnp.float32)
+
+    new_cache = None
+    if kv_cache is not None:
+        new_cache = {"k": new_kv[0], "v": new_kv[1], "positions": key_pos, "segment_ids": key_seg,
+                     "index": index + t}
+    return logits, new_cache

@@ -1,0 +1,37 @@
+"""playpen_jax: post-training LLMs by playing dialogue games, in JAX."""
+
+from setuptools import find_packages, setup
+
+PACKAGES = ["playpen_jax", "models", "games", "train", "configs", "tpu", "benchmarks"]
+
+setup(
+    name="playpen_jax",
+    version="0.1.0",
+    description="Learning in interaction: post-training LLMs on dialogue games with JAX on TPU/GPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=[p for name in PACKAGES for p in (name, name + ".*")]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "tokenizers>=0.21",
+        "gguf>=0.16",
+        "jinja2>=3.1",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+        # Reference implementations for parity tests (CPU torch; accelerate for GGUF loading).
+        "parity": ["torch>=2.4", "transformers>=4.50", "accelerate>=1.0"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+        "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
+    },
+)

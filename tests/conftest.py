@@ -1,0 +1,46 @@
+"""Shared fixtures. Eight host devices are simulated so that sharding is tested on CPU; this must
+happen before jax is first imported."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from models.config import LlamaConfig, RopeScaling  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A small Llama-3-shaped config: GQA, llama3 RoPE scaling, untied head."""
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=8, rope_theta=500000.0,
+                rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=16),
+                max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,
+                eos_token_ids=(2,))
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from models import registry
+
+    return registry.resolve("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(0)

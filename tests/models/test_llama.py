@@ -1,0 +1,130 @@
+"""The forward pass against transformers' LlamaForCausalLM, and against itself (cache, packing)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import llama, loader
+from tests.conftest import tiny_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(cfg, path, seed=0):
+    """A random transformers Llama with `cfg`'s shape, saved as an HF checkpoint at `path`."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.LlamaConfig(**cfg.to_hf())
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # norms away from 1 so that their weights matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def left_padded_batch(rng, vocab, lengths):
+    t = max(lengths)
+    tokens = np.zeros((len(lengths), t), np.int64)
+    mask = np.zeros((len(lengths), t), np.int64)
+    for i, n in enumerate(lengths):
+        tokens[i, t - n:] = rng.integers(3, vocab, n)
+        mask[i, t - n:] = 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return tokens, mask, positions
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_match_transformers_with_padding(tmp_path, tied):
+    cfg = tiny_config(tie_word_embeddings=tied)
+    model = hf_model(cfg, tmp_path)
+    _, params = loader.load_hf(str(tmp_path))
+    tokens, mask, positions = left_padded_batch(np.random.default_rng(1), cfg.vocab_size, [11, 7, 3])
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions)).logits.numpy()
+    logits, cache = llama.forward(params, jnp.asarray(tokens), jnp.asarray(positions),
+                                  jnp.asarray(mask), config=cfg)
+    assert cache is None and logits.dtype == jnp.float32
+    real = mask.astype(bool)
+    diff = np.abs(np.asarray(logits)[real] - ref[real]).max()
+    assert diff <= 1e-4, diff
+
+
+def test_llama3_rope_scaling_matters(tmp_path):
+    """Positions past the original context exercise the llama3 frequency scaling."""
+    cfg = tiny_config()
+    model = hf_model(cfg, tmp_path)
+    _, params = loader.load_hf(str(tmp_path))
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(llama.forward(params, jnp.asarray(tokens), config=cfg)[0])
+    unscaled = np.asarray(llama.forward(params, jnp.asarray(tokens),
+                                        config=cfg.replace(rope_scaling=None))[0])
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(unscaled - ref).max() > 1e-3  # the test would notice scaling being ignored
+
+
+def test_kv_cache_matches_full_forward():
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(3)
+    tokens, mask, positions = left_padded_batch(rng, cfg.vocab_size, [9, 5])
+    full, _ = llama.forward(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask),
+                            config=cfg)
+    # Prefill 6 tokens, then a chunk of 2, then one at a time.
+    cache = llama.init_cache(cfg, 2, 16)
+    outs = []
+    for a, b in [(0, 6), (6, 8), (8, 9)]:
+        out, cache = llama.forward(params, jnp.asarray(tokens[:, a:b]), jnp.asarray(positions[:, a:b]),
+                                   jnp.asarray(mask[:, a:b]), cache, config=cfg)
+        outs.append(np.asarray(out))
+    cached = np.concatenate(outs, axis=1)
+    real = mask.astype(bool)
+    assert int(cache["index"]) == 9
+    assert np.abs(cached[real] - np.asarray(full)[real]).max() <= 1e-4
+
+
+def test_packed_segments_equal_separate_sequences():
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(0, cfg.vocab_size, 5), rng.integers(0, cfg.vocab_size, 7)
+    packed = np.concatenate([a, b])[None]
+    segments = np.array([[1] * 5 + [2] * 7])
+    positions = np.array([list(range(5)) + list(range(7))])
+    out = np.asarray(llama.forward(params, jnp.asarray(packed), jnp.asarray(positions),
+                                   jnp.asarray(segments), config=cfg)[0])
+    sep_a = np.asarray(llama.forward(params, jnp.asarray(a[None]), config=cfg)[0])
+    sep_b = np.asarray(llama.forward(params, jnp.asarray(b[None]), config=cfg)[0])
+    assert np.abs(out[0, :5] - sep_a[0]).max() <= 1e-5
+    assert np.abs(out[0, 5:] - sep_b[0]).max() <= 1e-5
+
+
+def test_bf16_policy_keeps_f32_logits():
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(2))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12)))
+    ref = np.asarray(llama.forward(params, tokens, config=cfg)[0])
+    bf = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+    params_bf = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    out, _ = jax.jit(llama.forward, static_argnames="config")(params_bf, tokens, config=bf)
+    assert out.dtype == jnp.float32
+    err = np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05  # bf16 really ran (not bit-equal) and stays close
+
+
+def test_param_axes_cover_every_leaf():
+    for tied in (False, True):
+        cfg = tiny_config(tie_word_embeddings=tied)
+        params = llama.init(cfg, jax.random.PRNGKey(0))
+        axes = llama.param_axes(cfg)
+        is_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
+        assert (jax.tree_util.tree_structure(axes, is_leaf=is_leaf)
+                == jax.tree_util.tree_structure(params))
+        for ax, p in zip(jax.tree_util.tree_leaves(axes, is_leaf=is_leaf),
+                         jax.tree_util.tree_leaves(params)):
+            assert len(ax) == p.ndim

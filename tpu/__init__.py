@@ -1,0 +1,1 @@
+"""Running on Cloud TPU VMs and pod slices, and on multi-host GPU clusters."""

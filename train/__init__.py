@@ -1,0 +1,1 @@
+"""Objectives and training loops: SFT, DPO and GRPO on dialogue-game play."""
