@@ -74,11 +74,11 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         """Total parameter count (embedding counted once when tied)."""
-        d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+        d, f, n_layers = self.hidden_size, self.intermediate_size, self.num_layers
         attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         per_layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.vocab_size * d + l * per_layer + d + head
+        return self.vocab_size * d + n_layers * per_layer + d + head
 
     # --- HF config.json ---------------------------------------------------------------------
     @classmethod

@@ -96,7 +96,8 @@ def test_template_errors_are_clear(tmp_path, reference, ours):
     cfg = json.loads(cfg_path.read_text())
     if (tmp_path / "chat_template.jinja").exists():
         os.remove(tmp_path / "chat_template.jinja")
-    cfg["chat_template"] = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}{{ messages[0]['content'] }}"
+    cfg["chat_template"] = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}"
+                            "{% endif %}{{ messages[0]['content'] }}")
     cfg_path.write_text(json.dumps(cfg))
     tok = load_tokenizer(str(tmp_path))
     with pytest.raises(TokenizerError, match="user first"):
