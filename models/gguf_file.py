@@ -7,6 +7,7 @@ K are put back in HF order: llama.cpp's converter interleaves the two rotary hal
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from typing import Any, Optional
@@ -54,6 +55,8 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 class GGUFFile:
     """A GGUF checkpoint, presented as HF-named tensors in HF layout (`get`, `shape`, `keys`)."""
 
+    cache_bytes = 1 << 30
+
     def __init__(self, path: str):
         import gguf  # imported here: only GGUF users pay for it
 
@@ -74,7 +77,9 @@ class GGUFFile:
             hn = hf_name(name)
             if hn is not None:
                 self._by_hf[hn] = name
-        self._cache_name, self._cache_value = None, None
+        # Dequantized tensors, most recent last: a sharded load asks for each tensor once per
+        # device, so recent ones are kept up to a byte budget instead of being recomputed.
+        self._cache: collections.OrderedDict = collections.OrderedDict()
 
     def field(self, key: str, default: Any = None) -> Any:
         f = self._reader.fields.get(key)
@@ -161,15 +166,19 @@ class GGUFFile:
         return tuple(int(d) for d in reversed(self._tensors[self._by_hf[name]].shape))
 
     def get(self, name: str) -> np.ndarray:
-        """The f32 tensor in HF layout (dequantized; the last one read is kept for slicing)."""
+        """The f32 tensor in HF layout (dequantized; recent ones are cached)."""
         if name not in self._by_hf:
             raise CheckpointError(f"{self.path}: GGUF lacks tensor for {name!r}")
-        if self._cache_name != name:
-            w = self._dequantize(self._by_hf[name]).reshape(self.shape(name))
-            if name.endswith("q_proj.weight"):
-                w = unpermute_rows(w, int(self._required("llama.attention.head_count")))
-            elif name.endswith("k_proj.weight"):
-                heads = self._required("llama.attention.head_count")
-                w = unpermute_rows(w, int(self.field("llama.attention.head_count_kv") or heads))
-            self._cache_name, self._cache_value = name, w
-        return self._cache_value
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        w = self._dequantize(self._by_hf[name]).reshape(self.shape(name))
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rows(w, int(self._required("llama.attention.head_count")))
+        elif name.endswith("k_proj.weight"):
+            heads = self._required("llama.attention.head_count")
+            w = unpermute_rows(w, int(self.field("llama.attention.head_count_kv") or heads))
+        self._cache[name] = w
+        while len(self._cache) > 1 and sum(a.nbytes for a in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return w

@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable, Optional
 
 from models.config import LlamaConfig
-from models.errors import UnknownModelError
+from models.errors import CheckpointError, UnknownModelError
 from models.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -83,4 +83,7 @@ def load(name_or_path: str, *, tokenizer_path: Optional[str] = None,
     else:
         config, params = loader.load_hf(path, shardings, **config_overrides)
     tokenizer = load_tokenizer(tokenizer_path or path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer_path or path} has {tokenizer.vocab_size} tokens, "
+                              f"but the model's vocabulary has only {config.vocab_size}")
     return Model(config=config, params=params, tokenizer=tokenizer, path=path)

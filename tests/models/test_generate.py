@@ -69,3 +69,20 @@ def test_generate_cli_on_embedded_model():
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: model '/no/such/model'")
     assert "Traceback" not in bad.stderr
+
+
+def test_load_hf_dir_with_tokenizer_and_vocab_mismatch(tmp_path, smollm2_gguf):
+    from models import loader
+    from models.errors import CheckpointError
+    from models.tokenizer import load_tokenizer
+
+    smol_tok = load_tokenizer(smollm2_gguf)
+    cfg = tiny_config(vocab_size=smol_tok.vocab_size + 3)  # padded vocab, as Llama checkpoints have
+    loader.save_hf(llama.init(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path))
+    smol_tok._tok.save(str(tmp_path / "tokenizer.json"))
+    model = registry.load(str(tmp_path))
+    assert model.config == cfg and model.tokenizer.encode("Hello") == smol_tok.encode("Hello")
+    small = tiny_config(vocab_size=1000)
+    loader.save_hf(llama.init(small, jax.random.PRNGKey(0)), small, str(tmp_path))
+    with pytest.raises(CheckpointError, match="has 49152 tokens, but the model's vocabulary has only 1000"):
+        registry.load(str(tmp_path))

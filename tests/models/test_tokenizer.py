@@ -152,3 +152,38 @@ def test_sentencepiece_tokenizer(sp_model):
     assert tok.decode(ids, skip_special_tokens=True) == "guess crane"
     assert tok.encode(text, add_bos=True)[0] == tok.bos_id == sp.bos_id()
     assert tok.vocab_size == 120
+
+
+def test_llama3_style_gguf_tokenizer_matches_transformers(tmp_path, smollm2_gguf):
+    """A GGUF with Llama 3's pre-tokenizer (`llama-bpe`), read by us and by transformers."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from models.gguf_file import GGUFFile
+
+    src = GGUFFile(smollm2_gguf)
+    writer = gguf.GGUFWriter(str(tmp_path / "l3.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(src.field("tokenizer.ggml.tokens"))
+    writer.add_token_types(src.field("tokenizer.ggml.token_type"))
+    writer.add_token_merges(src.field("tokenizer.ggml.merges"))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_tensor("token_embd.weight", np.zeros((src.config().vocab_size, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = load_tokenizer(str(tmp_path / "l3.gguf"))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="l3.gguf")
+    differs = False
+    smollm = load_tokenizer(smollm2_gguf)
+    for text in TEXTS + ["don't WE'LL\r\nsee  \n x", "year 2026 and 1234567"]:
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
+        differs |= ours.encode(text) != smollm.encode(text)
+    assert differs  # the llama-bpe pre-tokenizer really is a different one
