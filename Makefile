@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup train test generate clean
+# llama.cpp's default -march=native can enable instructions a VM refuses; build it portably.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+
+.PHONY: setup train test lint bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +28,21 @@ train: setup
 		--prompt="We are playing Taboo. Describe the word 'apple' without saying it." --max_new_tokens=48
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+# Speed measurements with their peers (builds llama-cpp-python once, about 10 minutes).
+bench: setup $(VENV)/.bench
+	$(BIN)/python -m benchmarks.forward
+	$(BIN)/python -m benchmarks.sampler
+
+$(VENV)/.bench: constraints.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c constraints.txt \
+		--no-cache-dir llama-cpp-python
+	touch $@
 
 clean:
 	rm -rf $(VENV)

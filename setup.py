@@ -27,11 +27,13 @@ setup(
         "absl-py>=2.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6"],
         # Reference implementations for parity tests (CPU torch; accelerate for GGUF loading).
         "parity": ["torch>=2.4", "transformers>=4.50", "accelerate>=1.0"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
+        # Peers in benchmarks/ (llama.cpp); `make bench` builds it with portable CPU flags.
+        "bench": ["llama-cpp-python>=0.3"],
         "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
     },
 )

@@ -92,13 +92,36 @@ def init(config: LlamaConfig, rng: jax.Array, init_std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty KV cache for `batch` rows of up to `max_len` tokens."""
+def unstack_layers(params: Params) -> Params:
+    """The same params with `layers` as a list of per-layer dicts.
+
+    `forward` then runs the layers as a Python loop over separate arrays. Slower to compile, but
+    on CPU it avoids copying each layer's weights out of the stacked arrays at every decode step.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree_util.tree_map(lambda a, i=i: a[i], layers)
+                                 for i in range(n)]}
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None,
+               per_layer: bool = False) -> KVCache:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens. per_layer: k and v as tuples
+    of [B, K, S, Dh] arrays (for unstacked params) instead of stacked [L, B, K, S, Dh] arrays."""
     dtype = dtype or config.jnp_dtype
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    # [L, B, K, S, Dh]: heads before slots, so attention's dots batch over leading (B, K) axes
+    # and read the cache without a transposed copy.
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers))
+        v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers))
+    else:
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": k,
+        "v": v,
         "positions": jnp.zeros((batch, max_len), jnp.int32),
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),  # 0 = empty slot
         "index": jnp.zeros((), jnp.int32),  # next slot to write
@@ -107,7 +130,7 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVC
 
 def cache_axes() -> KVCache:
     """Logical axis names of the KV cache leaves."""
-    kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+    kv = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
     return {"k": kv, "v": kv, "positions": ("batch", "cache_seq"),
             "segment_ids": ("batch", "cache_seq"), "index": ()}
 
@@ -144,41 +167,55 @@ def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def _attention(q, k, v, mask):
-    """q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh]."""
+    """q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh]."""
     b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
+    if t == 1:  # decode: without the unit T axis the dots map onto plain batched matmuls
+        q = q.reshape(b, kv_heads, h // kv_heads, dh)
+        scores = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, 0][:, None, None, :], scores / math.sqrt(dh), _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, dh)
     q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(dh)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
 
 
-def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache_kv, index):
-    """One decoder block. x: [B, T, D]. cache_kv: None or (k, v) each [B, S, K, Dh]."""
+def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
+    """One decoder block. x: [B, T, D]. cache: None; (k, v, layer) with k, v the whole stacked
+    [L, B, K, S, Dh] cache, updated in place at this layer's slots index..index+T-1; or
+    (k, v, None) with this layer's own [B, K, S, Dh] arrays."""
     dt = config.jnp_dtype
     h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    if cache_kv is not None:
-        k_cache, v_cache = cache_kv
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        k, v = k_cache.astype(dt), v_cache.astype(dt)
-        new_kv = (k_cache, v_cache)
-    else:
-        new_kv = None
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh], the cache layout
+    if cache is not None and cache[2] is None:  # this layer's own [B, K, S, Dh] arrays
+        k_c, v_c, _ = cache
+        k_c = jax.lax.dynamic_update_slice(k_c, k.astype(k_c.dtype), (0, 0, index, 0))
+        v_c = jax.lax.dynamic_update_slice(v_c, v.astype(v_c.dtype), (0, 0, index, 0))
+        k, v = k_c.astype(dt), v_c.astype(dt)
+        cache = (k_c, v_c)
+    elif cache is not None:
+        k_all, v_all, layer = cache
+        at = (layer, 0, 0, index, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
+        cache = (k_all, v_all)
     attn = _attention(q, k, v, mask)
     x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(dt))
     h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
     up = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
     x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"].astype(dt))
-    return x, new_kv
+    return x, cache
 
 
 def forward(
@@ -219,13 +256,31 @@ def forward(
 
     x = params["embed"].astype(config.jnp_dtype)[tokens]
 
-    def body(x, layer_in):
-        lp, cache_kv = layer_in
-        x, new_kv = _layer(config, x, lp, cos, sin, mask, cache_kv, index)
-        return x, new_kv
+    if isinstance(params["layers"], (list, tuple)):
+        # Unstacked layers (see `unstack_layers`): a Python loop, no slicing of stacked arrays.
+        ks, vs = [], []
+        for i, lp in enumerate(params["layers"]):
+            layer_cache = None if kv_cache is None else (kv_cache["k"][i], kv_cache["v"][i], None)
+            x, new = _layer(config, x, lp, cos, sin, mask, layer_cache, index)
+            if new is not None:
+                ks.append(new[0])
+                vs.append(new[1])
+        k_all, v_all = tuple(ks), tuple(vs)
+    # The cache rides in the scan carry, so each layer's update is in place (no per-step copy).
+    elif kv_cache is None:
+        x, _ = jax.lax.scan(
+            lambda x, lp: (_layer(config, x, lp, cos, sin, mask, None, None)[0], None),
+            x, params["layers"])
+    else:
+        def body(carry, layer_in):
+            x, k_all, v_all = carry
+            lp, layer = layer_in
+            x, (k_all, v_all) = _layer(config, x, lp, cos, sin, mask, (k_all, v_all, layer), index)
+            return (x, k_all, v_all), None
 
-    cache_in = (kv_cache["k"], kv_cache["v"]) if kv_cache is not None else None
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], cache_in))
+        layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, kv_cache["k"], kv_cache["v"]),
+                                            (params["layers"], layers))
 
     x = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
     if config.tie_word_embeddings:
@@ -237,6 +292,6 @@ def forward(
 
     new_cache = None
     if kv_cache is not None:
-        new_cache = {"k": new_kv[0], "v": new_kv[1], "positions": key_pos, "segment_ids": key_seg,
+        new_cache = {"k": k_all, "v": v_all, "positions": key_pos, "segment_ids": key_seg,
                      "index": index + t}
     return logits, new_cache

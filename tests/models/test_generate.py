@@ -1,45 +1,18 @@
 """Cached decoding, the registry, and the generate CLI on the embedded model."""
 
+import json
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
-from models import generate, llama, registry
+from models import llama, registry
 from models.errors import UnknownModelError
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def test_greedy_decoding_equals_stepwise_argmax_of_full_forward():
-    cfg = tiny_config()
-    params = llama.init(cfg, jax.random.PRNGKey(0), init_std=0.3)  # peaked enough to vary
-    prompt = [5, 17, 33, 8, 61]
-    out = generate.generate_ids(params, cfg, prompt, max_new_tokens=12)
-    seq = list(prompt)
-    for _ in range(12):
-        logits = llama.forward(params, jnp.asarray([seq]), config=cfg)[0]
-        seq.append(int(jnp.argmax(logits[0, -1])))
-    assert out == seq[len(prompt):]
-    assert len(set(out)) > 1
-
-
-def test_stop_ids_and_sampling_seed():
-    cfg = tiny_config()
-    params = llama.init(cfg, jax.random.PRNGKey(0), init_std=0.3)
-    greedy = generate.generate_ids(params, cfg, [3, 4], max_new_tokens=8)
-    stopped = generate.generate_ids(params, cfg, [3, 4], max_new_tokens=8, stop_ids=(greedy[2],))
-    assert stopped == greedy[: greedy.index(greedy[2]) + 1]
-    a = generate.generate_ids(params, cfg, [3, 4], max_new_tokens=8, temperature=1.0, seed=1)
-    b = generate.generate_ids(params, cfg, [3, 4], max_new_tokens=8, temperature=1.0, seed=1)
-    c = generate.generate_ids(params, cfg, [3, 4], max_new_tokens=8, temperature=1.0, seed=2)
-    assert a == b and a != c
-    with pytest.raises(ValueError, match="no tokens"):
-        generate.generate_ids(params, cfg, [], max_new_tokens=4)
 
 
 def test_registry_resolves_embedded_model_and_rejects_unknown(tmp_path):
@@ -69,6 +42,34 @@ def test_generate_cli_on_embedded_model():
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: model '/no/such/model'")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_generate_cli_batch_file(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    batch = tmp_path / "prompts.jsonl"
+    batch.write_text("\n".join([
+        json.dumps({"id": "france", "prompt": "What is the capital of France? One word."}),
+        json.dumps({"messages": [{"role": "system", "content": "Answer with one word."},
+                                 {"role": "user", "content": "What is the capital of Italy?"}]}),
+        "",
+        json.dumps({"prompt": "Count from 1 to 50, separated by commas."}),
+    ]))
+    out = tmp_path / "replies.jsonl"
+    run = subprocess.run([sys.executable, "-m", "models.generate", "--batch_file", str(batch),
+                          "--output", str(out), "--max_new_tokens", "16", "--stop", "10,"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    replies = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in replies] == ["france", 1, 2]
+    assert "Paris" in replies[0]["reply"] and "Rome" in replies[1]["reply"]
+    assert replies[0]["finish_reason"] == "stop"
+    assert replies[2]["finish_reason"] in ("stop_string", "length")
+    assert all(0 < r["num_tokens"] <= 16 for r in replies)
+    batch.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    bad = subprocess.run([sys.executable, "-m", "models.generate", "--batch_file", str(batch)],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and f"{batch}:2: needs a string 'prompt'" in bad.stderr
 
 
 def test_load_hf_dir_with_tokenizer_and_vocab_mismatch(tmp_path, smollm2_gguf):

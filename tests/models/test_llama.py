@@ -88,6 +88,23 @@ def test_kv_cache_matches_full_forward():
     assert np.abs(cached[real] - np.asarray(full)[real]).max() <= 1e-4
 
 
+def test_unstacked_layers_match_stacked_with_and_without_cache():
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(3))
+    loose = llama.unstack_layers(params)
+    assert isinstance(loose["layers"], list) and len(loose["layers"]) == cfg.num_layers
+    tokens, mask, positions = left_padded_batch(np.random.default_rng(6), cfg.vocab_size, [6, 4])
+    args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    full = np.asarray(llama.forward(params, *args, config=cfg)[0])
+    assert np.abs(np.asarray(llama.forward(loose, *args, config=cfg)[0]) - full).max() <= 1e-5
+    cache = llama.init_cache(cfg, 2, 8, per_layer=True)
+    out1, cache = llama.forward(loose, *(a[:, :4] for a in args), cache, config=cfg)
+    out2, cache = llama.forward(loose, *(a[:, 4:] for a in args), cache, config=cfg)
+    cached = np.concatenate([np.asarray(out1), np.asarray(out2)], axis=1)
+    assert isinstance(cache["k"], tuple) and int(cache["index"]) == 6
+    assert np.abs(cached[mask.astype(bool)] - full[mask.astype(bool)]).max() <= 1e-4
+
+
 def test_packed_segments_equal_separate_sequences():
     cfg = tiny_config()
     params = llama.init(cfg, jax.random.PRNGKey(1))

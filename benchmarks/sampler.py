@@ -1,0 +1,185 @@
+"""Generated tokens/s of the batched sampler, side by side with transformers and llama.cpp.
+
+    python -m benchmarks.sampler                      # embedded SmolLM2-135M-Instruct, f32, CPU
+    python -m benchmarks.sampler --preset=llama-3.2-1b --dtype=bfloat16 --batches=1,8,32,64
+
+Every engine decodes greedily exactly `--new_tokens` tokens (EOS ignored) after the same chat
+prompt, repeated `batch` times; time includes prefill. Peers: transformers `generate` (torch, same
+weights, KV cache on) and, for the embedded model, llama.cpp through llama-cpp-python on the Q4_1
+GGUF at batch 1 (its Python API decodes one sequence at a time). Either is skipped, with a note,
+when not installed (`pip install .[bench]`).
+
+Also printed: the compute roof (a measured large matmul's FLOP/s over the model's FLOPs per
+token) and the fraction of it reached, and the batch-1 bound: bytes of weights read per step over
+measured memory bandwidth. The last line is JSON with `vs_transformers`, `vs_llamacpp` (best ratios
+over the batch sizes; llama.cpp's batch-1 speed is the denominator) and `roof_fraction`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.forward import matmul_roof, model_flops_per_token
+from models import llama, loader, registry
+from models.config import preset
+from models.sampler import Sampler
+
+PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to play chess."}]
+
+
+def memory_bandwidth(on_gpu: bool) -> float:
+    """Bytes/s of a large copy (read + write counted): on the GPU a jitted copy, on the host a
+    NumPy copy (XLA's elementwise CPU loops are slower than the memory system)."""
+    if not on_gpu:
+        a = np.ones((1 << 28) // 4, np.float32)
+        b = np.empty_like(a)
+        return 2 * a.nbytes / min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+    a = jnp.ones(((1 << 30) // 4,), jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0001)
+    copy(a).block_until_ready()
+    best = min(_timed(lambda: copy(a).block_until_ready()) for _ in range(5))
+    return 2 * a.nbytes / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default=None, help="random weights of a preset shape")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--peer_batches", default="1,8,32", help="batches to time transformers at")
+    p.add_argument("--no_transformers", action="store_true")
+    args = p.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    n_new = args.new_tokens
+
+    if args.preset:
+        cfg = preset(args.preset, param_dtype=args.dtype, dtype=args.dtype)
+        params = llama.init(cfg, jax.random.PRNGKey(0))
+        prompt = list(np.random.default_rng(0).integers(100, 1000, 40))
+        name, gguf_path = f"{args.preset} (random weights)", None
+    else:
+        model = registry.load(registry.DEFAULT_MODEL, param_dtype=args.dtype, dtype=args.dtype)
+        cfg, params, name = model.config, model.params, registry.DEFAULT_MODEL
+        prompt = model.tokenizer.encode_chat(PROMPT, add_generation_prompt=True).ids
+        gguf_path = model.path
+    batches = [int(b) for b in args.batches.split(",")]
+    peer_batches = [int(b) for b in args.peer_batches.split(",")]
+
+    roof = matmul_roof(cfg.jnp_dtype, 8192 if on_gpu else 2048)
+    bandwidth = memory_bandwidth(on_gpu)
+    flops_tok = model_flops_per_token(cfg, len(prompt) + n_new // 2)
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+
+    sampler = Sampler(cfg, pad_id=0)
+    rows = {}
+    for b in batches:
+        run = lambda: sampler.generate(params, [prompt] * b, max_new_tokens=n_new,  # noqa: E731
+                                       temperature=0)
+        run()  # compile
+        secs = min(_timed(run) for _ in range(2))
+        rows[b] = {"ours": b * n_new / secs}
+
+    notes = []
+    if not args.no_transformers:
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            notes.append("transformers not installed: peer skipped")
+        else:
+            torch.set_num_threads(os.cpu_count() or 1)
+            dev = "cuda" if on_gpu else "cpu"
+            with tempfile.TemporaryDirectory() as tmp:
+                loader.save_hf(params, cfg, tmp)
+                tdt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+                hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=tdt).eval().to(dev)
+            for b in peer_batches:
+                ids = torch.tensor([prompt] * b, device=dev)
+                kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+                          max_new_tokens=n_new, min_new_tokens=n_new)
+
+                def gen(kw=kw, ids=ids):
+                    with torch.inference_mode():
+                        hf.generate(ids, **kw)
+                    if on_gpu:
+                        torch.cuda.synchronize()
+
+                gen({**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+                rows.setdefault(b, {})["transformers"] = b * n_new / _timed(gen)
+            del hf
+
+    llamacpp = None
+    if gguf_path and not on_gpu:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            notes.append("llama-cpp-python not installed: peer skipped")
+        else:
+            llm = Llama(model_path=gguf_path, n_ctx=len(prompt) + n_new + 8,
+                        n_threads=os.cpu_count() or 1, n_batch=len(prompt) + 8, verbose=False)
+
+            def decode():
+                for n, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), 1):
+                    if n == n_new:
+                        break
+
+            decode()
+            llamacpp = n_new / min(_timed(decode) for _ in range(2))
+
+    roof_tok = roof / flops_tok
+    print(f"\n{name}, {args.dtype}, {jax.devices()[0].device_kind} "
+          f"({platform.machine()}, {os.cpu_count()} cores), {n_new} new tokens, prompt "
+          f"{len(prompt)} tokens")
+    print(f"matmul roof {roof / 1e9:.1f} GFLOP/s = {roof_tok:.0f} tok/s at "
+          f"{flops_tok / 1e9:.3f} GFLOP/token; memory bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"batch-1 bound {bandwidth / weight_bytes:.1f} steps/s ({weight_bytes / 1e6:.0f} MB of "
+          f"weights per step)")
+    if llamacpp:
+        print(f"llama.cpp (Q4_1 GGUF) batch 1: {llamacpp:.1f} tok/s")
+    print("\n| batch | ours tok/s | transformers tok/s | ours / transformers | ours / llama.cpp b1 "
+          "| % of roof |")
+    print("|---|---|---|---|---|---|")
+    for b, r in rows.items():
+        if "ours" not in r:
+            continue
+        t = r.get("transformers")
+        print(f"| {b} | {r['ours']:.1f} | {t:.1f} | {r['ours'] / t:.2f} |" if t else
+              f"| {b} | {r['ours']:.1f} | - | - |", end="")
+        print(f" {r['ours'] / llamacpp:.2f} |" if llamacpp else " - |",
+              f"{100 * r['ours'] / roof_tok:.1f}% |")
+    for n in notes:
+        print("note:", n)
+    summary = {
+        "model": name, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+        "new_tokens": n_new, "tokens_per_s": {str(b): r for b, r in rows.items()},
+        "roof_fraction": max(r["ours"] / roof_tok for r in rows.values() if "ours" in r),
+        "batch1_bound_steps_per_s": bandwidth / weight_bytes,
+    }
+    ratios = [r["ours"] / r["transformers"] for r in rows.values() if "transformers" in r
+              and "ours" in r]
+    if ratios:
+        summary["vs_transformers"] = max(ratios)
+    if llamacpp:
+        summary["llamacpp_b1_tokens_per_s"] = llamacpp
+        summary["vs_llamacpp"] = max(r["ours"] for r in rows.values() if "ours" in r) / llamacpp
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Batched sampling: one jitted prefill and a jitted `lax.while_loop` decode over a KV cache.
+
+Layout: prompts are LEFT-padded to a bucketed length P, so every row's prompt ends at slot P-1 and
+the decode step writes all rows at the same cache slot; padding carries segment id 0 and is never
+attended to. Batch size, P and the cache length are rounded up to buckets, and each distinct
+(shapes, sampling mode) pair is compiled once (`Sampler.compile_count` counts them).
+
+Sampling: temperature (0 = greedy), top-k, top-p, applied in that order. Each row draws from its
+own key, `fold_in(fold_in(rng, seed_of_row), step)`, so a row's sample does not depend on which
+other rows share the batch, and G copies of one prompt with different seeds differ.
+
+Returned log-probs are those of the model's own distribution (log-softmax of the raw logits, before
+temperature or truncation), the quantity GRPO's importance ratio needs as "old log-probs".
+
+Stopping: a row ends at an EOS / stop token id (checked on device every step, token kept in the
+output) or at a stop string (checked on the host every `stop_check_every` steps, and exactly at the
+end: the output keeps the tokens up to the one that completes the string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models import llama
+from models.config import LlamaConfig
+
+
+def _round_up(n: int, buckets: Sequence[int], step: int) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // step) * step
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """tokens/logprobs: [B, N] (zero past each row's length); lengths: [B] generated tokens;
+    finish_reasons: "stop" (EOS/stop id), "stop_string" or "length"; texts if a tokenizer is set."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    finish_reasons: list
+    texts: Optional[list] = None
+
+    def row(self, i: int) -> list:
+        return self.tokens[i, : self.lengths[i]].tolist()
+
+
+def _filter_logits(logits, temperature, top_k: int, top_p: bool, top_p_value):
+    """Scaled and truncated logits [B, V] to sample from (mode flags are static)."""
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff_index = jnp.sum(before < top_p_value, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def _choose(logits, row_keys, step, temperature, top_p_value, *, greedy, top_k, top_p):
+    """Next tokens [B] and their log-probs under the raw model distribution."""
+    peak = jnp.max(logits, axis=-1)
+    log_z = peak + jnp.log(jnp.sum(jnp.exp(logits - peak[:, None]), axis=-1))
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        filtered = _filter_logits(logits, temperature, top_k, top_p, top_p_value)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        token = jax.vmap(jax.random.categorical)(keys, filtered)
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - log_z
+
+
+class Sampler:
+    """Samples continuations of token-id prompts with a fixed model config.
+
+    mesh: optional; the batch is split over its ("data", "fsdp") axes, and the KV cache's heads
+    over "tensor" where they divide. Params are used with whatever sharding they already have.
+    unstack_layers: decode from per-layer copies of the weights (default: on CPU only).
+    """
+
+    def __init__(self, config: LlamaConfig, *, mesh: Optional[Mesh] = None, pad_id: int = 0,
+                 batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                 length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
+                 stop_check_every: int = 32, unstack_layers: Optional[bool] = None):
+        self.config = config
+        # On CPU, decoding from per-layer arrays avoids copying every layer's weights out of the
+        # stacked arrays at each step (XLA:CPU materialises those slices); elsewhere keep the scan.
+        self.unstack = (jax.default_backend() == "cpu") if unstack_layers is None else unstack_layers
+        self._unstack_fn = jax.jit(llama.unstack_layers)
+        self.mesh = mesh
+        self.pad_id = pad_id
+        self.batch_buckets = tuple(batch_buckets)
+        self.length_buckets = tuple(length_buckets)
+        self.stop_check_every = stop_check_every
+        self._compiled: dict = {}
+
+    @property
+    def compile_count(self) -> int:
+        """How many executables (prefill or decode, one per shape/mode bucket) were compiled."""
+        return len(self._compiled)
+
+    # --- shapes and shardings --------------------------------------------------------------
+    def _batch_multiple(self) -> int:
+        if self.mesh is None:
+            return 1
+        return self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+
+    def _batch_sharding(self, ndim: int):
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+    def _cache_shardings(self):
+        if self.mesh is None:
+            return None
+        from playpen_jax import sharding  # the rule table lives with the mesh code
+
+        c = self.config
+        kv = ("batch", "kv_heads", "cache_seq", "head_dim")
+        shape = (self._batch_multiple(), c.num_kv_heads, 1, c.head_dim)
+        ns = functools.partial(NamedSharding, self.mesh)
+        if self.unstack:
+            kv_sharding = (ns(sharding.logical_to_spec(kv, shape, self.mesh)),) * c.num_layers
+        else:
+            kv_sharding = ns(sharding.logical_to_spec(("layers",) + kv, (c.num_layers,) + shape,
+                                                      self.mesh))
+        seq_spec = PartitionSpec(("data", "fsdp"), None)
+        return {"k": kv_sharding, "v": kv_sharding, "positions": ns(seq_spec),
+                "segment_ids": ns(seq_spec), "index": ns(PartitionSpec())}
+
+    def _put(self, x: np.ndarray):
+        s = self._batch_sharding(x.ndim)
+        return jax.device_put(x, s) if s is not None else jnp.asarray(x)
+
+    # --- compiled pieces -------------------------------------------------------------------
+    def _compile(self, key, fn, *args):
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(fn).lower(*args).compile()
+        return self._compiled[key]
+
+    def _prefill_fn(self, cache_len: int):
+        config, shardings = self.config, self._cache_shardings()
+
+        def prefill(params, tokens, positions, segments):
+            cache = llama.init_cache(config, tokens.shape[0], cache_len, per_layer=self.unstack)
+            if shardings is not None:
+                cache = jax.lax.with_sharding_constraint(cache, shardings)
+            logits, cache = llama.forward(params, tokens, positions, segments, cache, config=config)
+            return logits[:, -1], cache
+
+        return prefill
+
+    def _decode_fn(self, *, greedy: bool, top_k: int, top_p: bool):
+        config = self.config
+        choose = functools.partial(_choose, greedy=greedy, top_k=top_k, top_p=top_p)
+
+        def decode(params, state, stop_ids, row_keys, temperature, top_p_value, until):
+            """Runs steps until step == until or every row is done; state is the loop carry."""
+
+            def cond(s):
+                return (s["step"] < until) & ~jnp.all(s["done"])
+
+            def body(s):
+                step = s["step"]
+                token, logp = choose(s["logits"], row_keys, step, temperature, top_p_value)
+                live = ~s["done"]
+                token = jnp.where(live, token, self.pad_id)
+                s = dict(s)
+                s["tokens"] = s["tokens"].at[:, step].set(token)
+                s["logprobs"] = s["logprobs"].at[:, step].set(jnp.where(live, logp, 0.0))
+                s["lengths"] = s["lengths"] + live.astype(jnp.int32)
+                hit_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+                s["stopped"] = s["stopped"] | (live & hit_stop)
+                s["done"] = s["done"] | (live & hit_stop)
+                positions = (s["prompt_lengths"] + step)[:, None]
+                logits, s["cache"] = llama.forward(params, token[:, None], positions,
+                                                   live[:, None].astype(jnp.int32), s["cache"],
+                                                   config=config)
+                s["logits"] = logits[:, -1]
+                s["step"] = step + 1
+                return s
+
+            return jax.lax.while_loop(cond, body, state)
+
+        return decode
+
+    # --- public ----------------------------------------------------------------------------
+    def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 rng: Optional[jax.Array] = None, seeds: Optional[Sequence[int]] = None,
+                 stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                 tokenizer=None) -> SampleOutput:
+        """Samples up to `max_new_tokens` for each prompt (lists of token ids)."""
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("sampler: no prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("sampler: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"sampler: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"sampler: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                             f"{temperature}, {top_p}, {top_k}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("sampler: stop_strings need a tokenizer")
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"sampler: {len(seeds)} seeds for {n} prompts")
+        top_k = min(top_k, self.config.vocab_size)
+
+        mult = self._batch_multiple()
+        batch = _round_up(n, [b for b in self.batch_buckets if b % mult == 0], mult)
+        longest = max(len(p) for p in prompts)
+        plen = _round_up(longest, self.length_buckets, self.length_buckets[-1])
+        new_len = _round_up(max_new_tokens, self.length_buckets, self.length_buckets[-1])
+        cache_len = plen + new_len
+
+        tokens = np.full((batch, plen), self.pad_id, np.int32)
+        segments = np.zeros((batch, plen), np.int32)
+        positions = np.zeros((batch, plen), np.int32)
+        prompt_lengths = np.zeros((batch,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, plen - len(p):] = p
+            segments[i, plen - len(p):] = 1
+            positions[i, plen - len(p):] = np.arange(len(p))
+            prompt_lengths[i] = len(p)
+        tokens, positions, segments = map(self._put, (tokens, positions, segments))
+
+        if self.unstack:
+            params = self._unstack_fn(params)
+        sig = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
+                    for x in jax.tree_util.tree_leaves(params))
+        prefill = self._compile(("prefill", batch, plen, cache_len, sig), self._prefill_fn(cache_len),
+                                params, tokens, positions, segments)
+        logits, cache = prefill(params, tokens, positions, segments)
+
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        row_seeds = np.arange(batch, dtype=np.uint32)
+        if seeds is not None:
+            row_seeds[:n] = np.asarray(seeds, np.uint32)
+        row_keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.asarray(row_seeds))
+        done = np.zeros((batch,), bool)
+        done[n:] = True  # bucket padding rows
+        state = {
+            "logits": logits, "cache": cache, "step": jnp.zeros((), jnp.int32),
+            "tokens": self._put(np.full((batch, new_len), self.pad_id, np.int32)),
+            "logprobs": self._put(np.zeros((batch, new_len), np.float32)),
+            "lengths": self._put(np.zeros((batch,), np.int32)),
+            "prompt_lengths": self._put(prompt_lengths),
+            "done": self._put(done), "stopped": self._put(np.zeros((batch,), bool)),
+        }
+        stop_arr = jnp.asarray(np.array(list(stop_ids) or [-1], np.int32))
+        greedy = temperature == 0
+        mode = dict(greedy=greedy, top_k=0 if greedy else top_k, top_p=(not greedy) and top_p < 1)
+        decode = self._compile(("decode", batch, plen, cache_len, sig, tuple(sorted(mode.items()))),
+                               self._decode_fn(**mode), params, state, stop_arr, row_keys,
+                               jnp.float32(temperature), jnp.float32(top_p), jnp.int32(0))
+
+        string_stopped = np.zeros((batch,), bool)
+        chunk = self.stop_check_every if stop_strings else max_new_tokens
+        until = 0
+        while until < max_new_tokens:
+            until = min(until + chunk, max_new_tokens)
+            state = decode(params, state, stop_arr, row_keys, jnp.float32(temperature),
+                           jnp.float32(top_p), jnp.int32(until))
+            if stop_strings:
+                toks, lens = np.asarray(state["tokens"]), np.asarray(state["lengths"])
+                newly = [i for i in range(n) if not string_stopped[i]
+                         and _stop_cut(tokenizer, toks[i, :lens[i]], stop_strings) is not None]
+                if newly:
+                    string_stopped[newly] = True
+                    state["done"] = self._put(np.asarray(state["done"]) | string_stopped)
+            if bool(np.all(np.asarray(state["done"]))):
+                break
+
+        toks = np.array(state["tokens"])[:n]
+        logps = np.array(state["logprobs"])[:n]
+        lengths = np.asarray(state["lengths"])[:n].copy()
+        stopped = np.asarray(state["stopped"])[:n]
+        reasons = ["stop" if s else "length" for s in stopped]
+        texts = [] if tokenizer is not None else None
+        for i in range(n):
+            if stop_strings and not stopped[i]:
+                cut = _stop_cut(tokenizer, toks[i, :lengths[i]], stop_strings)
+                if cut is not None:
+                    lengths[i], reasons[i] = cut[0], "stop_string"
+            toks[i, lengths[i]:] = self.pad_id
+            logps[i, lengths[i]:] = 0.0
+            if texts is not None:
+                row = toks[i, :lengths[i]].tolist()
+                if reasons[i] == "stop" and row:
+                    row = row[:-1]  # the stop token is not part of the reply text
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                if reasons[i] == "stop_string":
+                    text = text[: _first_stop(text, stop_strings)]
+                texts.append(text)
+        return SampleOutput(tokens=toks[:, :max_new_tokens], logprobs=logps[:, :max_new_tokens],
+                            lengths=lengths, finish_reasons=reasons, texts=texts)
+
+
+def _first_stop(text: str, stop_strings: Sequence[str]) -> Optional[int]:
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_cut(tokenizer, row: np.ndarray, stop_strings: Sequence[str]) -> Optional[tuple]:
+    """(number of tokens up to the one completing the first stop string,) or None."""
+    text = tokenizer.decode(row.tolist())
+    if _first_stop(text, stop_strings) is None:
+        return None
+    lo, hi = 1, len(row)  # smallest prefix whose text contains a stop string
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _first_stop(tokenizer.decode(row[:mid].tolist()), stop_strings) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return (lo,)

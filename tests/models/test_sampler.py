@@ -1,0 +1,200 @@
+"""The batched sampler against the plain forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import llama
+from models.sampler import Sampler, _filter_logits
+from models.tokenizer import HFTokenizer
+from playpen_jax import sharding
+from tests.conftest import tiny_config
+
+CFG = tiny_config(vocab_size=260)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return llama.init(CFG, jax.random.PRNGKey(0), init_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """A real byte-level BPE tokenizer (no merges) over the model's 260-token vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i + 3 for i, ch in enumerate(alphabet)}
+    vocab.update({"<pad>": 0, "<bos>": 1, "<eos>": 2})
+    tok = Tokenizer(models.BPE(vocab, [], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<bos>", "<eos>"])
+    return HFTokenizer(tok, bos_token="<bos>", eos_token="<eos>")
+
+
+PROMPTS = [[5, 17, 33, 8, 61], [9], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80], [3, 4]]
+
+
+_full_forward = jax.jit(lambda p, t, s: llama.forward(p, t, segment_ids=s, config=CFG)[0])
+
+
+def reference_greedy(params, prompt, steps):
+    """Greedy decoding by full recomputation (right-padded to 32 tokens: one compile)."""
+    seq, out, logps = list(prompt), [], []
+    for _ in range(steps):
+        tokens = np.zeros((1, 32), np.int32)
+        tokens[0, : len(seq)] = seq
+        segments = (np.arange(32) < len(seq)).astype(np.int32)[None]
+        logits = _full_forward(params, jnp.asarray(tokens), jnp.asarray(segments))[0, len(seq) - 1]
+        token = int(jnp.argmax(logits))
+        out.append(token)
+        logps.append(float(jax.nn.log_softmax(logits)[token]))
+        seq.append(token)
+    return out, logps
+
+
+def test_greedy_equals_stepwise_argmax_for_mixed_lengths(params):
+    sampler = Sampler(CFG)
+    out = sampler.generate(params, PROMPTS, max_new_tokens=10, temperature=0)
+    for i, prompt in enumerate(PROMPTS):
+        tokens, logps = reference_greedy(params, prompt, 10)
+        assert out.row(i) == tokens
+        assert np.abs(out.logprobs[i] - np.array(logps)).max() <= 1e-4
+    assert list(out.lengths) == [10] * 4 and out.finish_reasons == ["length"] * 4
+    assert len({tuple(out.row(i)) for i in range(4)}) > 1
+
+
+def test_stacked_and_unstacked_layers_sample_the_same(params):
+    kw = dict(max_new_tokens=10, temperature=0.8, rng=jax.random.PRNGKey(5))
+    scan = Sampler(CFG, unstack_layers=False).generate(params, PROMPTS, **kw)
+    loop = Sampler(CFG, unstack_layers=True).generate(params, PROMPTS, **kw)
+    assert np.array_equal(scan.tokens, loop.tokens)
+    assert np.abs(scan.logprobs - loop.logprobs).max() <= 1e-5
+
+
+def test_sampled_logprobs_equal_recomputed_forward(params):
+    sampler = Sampler(CFG)
+    out = sampler.generate(params, PROMPTS, max_new_tokens=12, temperature=1.3, top_k=50,
+                           rng=jax.random.PRNGKey(7))
+    for i, prompt in enumerate(PROMPTS):
+        seq = prompt + out.row(i)
+        logits = llama.forward(params, jnp.asarray([seq]), config=CFG)[0][0]
+        logp = jax.nn.log_softmax(logits[len(prompt) - 1:-1], axis=-1)
+        expected = np.asarray(jnp.take_along_axis(logp, jnp.asarray(out.row(i))[:, None], 1)[:, 0])
+        assert np.abs(out.logprobs[i, : out.lengths[i]] - expected).max() <= 1e-4
+
+
+def test_stop_ids_end_rows_independently(params):
+    sampler = Sampler(CFG)
+    free = sampler.generate(params, PROMPTS, max_new_tokens=10, temperature=0)
+    stop = free.row(0)[3]  # row 0 stops at its 4th token; others only if they produce it
+    out = sampler.generate(params, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[stop])
+    for i in range(len(PROMPTS)):
+        row = free.row(i)
+        expected = row[: row.index(stop) + 1] if stop in row else row
+        assert out.row(i) == expected
+        assert (out.tokens[i, len(expected):] == 0).all()  # finished rows stop growing
+        assert (out.logprobs[i, len(expected):] == 0).all()
+        assert out.finish_reasons[i] == ("stop" if stop in row else "length")
+    assert out.lengths[0] <= 4 and max(out.lengths) == 10
+
+
+def test_stop_strings(params, byte_tokenizer):
+    sampler = Sampler(CFG, stop_check_every=4)
+    free = sampler.generate(params, PROMPTS, max_new_tokens=16, temperature=0,
+                            tokenizer=byte_tokenizer)
+    target = byte_tokenizer.decode(free.row(1)[5:7])
+    assert target
+    out = sampler.generate(params, PROMPTS, max_new_tokens=16, temperature=0,
+                           stop_strings=[target], tokenizer=byte_tokenizer)
+    for i in range(len(PROMPTS)):
+        text = free.texts[i]
+        if target in text:
+            assert out.finish_reasons[i] == "stop_string"
+            assert out.texts[i] == text[: text.index(target)]
+            assert target in byte_tokenizer.decode(out.row(i))
+            assert target not in byte_tokenizer.decode(out.row(i)[:-1])
+        else:
+            assert out.row(i) == free.row(i) and out.finish_reasons[i] == "length"
+    assert out.finish_reasons[1] == "stop_string" and out.lengths[1] <= 7
+
+
+def test_same_bucket_does_not_recompile(params):
+    sampler = Sampler(CFG)
+    sampler.generate(params, [[1, 2, 3]], max_new_tokens=8, temperature=0)
+    assert sampler.compile_count == 2  # prefill + decode
+    sampler.generate(params, [[1, 2, 3, 4, 5, 6, 7, 8, 9]], max_new_tokens=8, temperature=0)
+    sampler.generate(params, [[4] * 40, [5]], max_new_tokens=20, temperature=0)  # batch 2 bucket
+    assert sampler.compile_count == 4
+    sampler.generate(params, [[4] * 30, [5, 6]], max_new_tokens=30, temperature=0)
+    assert sampler.compile_count == 4
+    sampler.generate(params, [[1, 2]], max_new_tokens=8, temperature=0.7)  # new sampling mode
+    assert sampler.compile_count == 5
+
+
+def test_deterministic_and_per_row_seeds(params):
+    sampler = Sampler(CFG)
+    prompt = [5, 6, 7]
+    kw = dict(max_new_tokens=12, temperature=1.0, rng=jax.random.PRNGKey(3))
+    a = sampler.generate(params, [prompt] * 4, **kw)
+    b = sampler.generate(params, [prompt] * 4, **kw)
+    assert np.array_equal(a.tokens, b.tokens)
+    assert len({tuple(a.row(i)) for i in range(4)}) == 4  # a group of samples differs
+    # a row's sample depends on its seed, not on the rest of the batch
+    c = sampler.generate(params, [[9, 9], prompt], seeds=[11, 2], **kw)
+    assert c.row(1) == a.row(2)
+    d = sampler.generate(params, [prompt] * 4, max_new_tokens=12, temperature=1.0,
+                         rng=jax.random.PRNGKey(4))
+    assert not np.array_equal(a.tokens, d.tokens)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(params):
+    sampler = Sampler(CFG)
+    greedy = sampler.generate(params, PROMPTS, max_new_tokens=6, temperature=0)
+    k1 = sampler.generate(params, PROMPTS, max_new_tokens=6, temperature=1.0, top_k=1)
+    p0 = sampler.generate(params, PROMPTS, max_new_tokens=6, temperature=1.0, top_p=1e-6)
+    assert np.array_equal(greedy.tokens, k1.tokens) and np.array_equal(greedy.tokens, p0.tokens)
+
+
+def test_filter_logits_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 40)).astype(np.float32) * 3
+    out = np.asarray(_filter_logits(jnp.asarray(logits), 0.5, 5, True, 0.8))
+    for row, got in zip(logits, out):
+        scaled = row / 0.5
+        keep = scaled >= np.sort(scaled)[-5]  # top-k
+        masked = np.where(keep, scaled, -np.inf)
+        order = np.argsort(-masked)
+        probs = np.exp(masked[order] - masked[order][0])
+        probs /= probs.sum()
+        n_keep = int(np.sum(np.cumsum(probs) - probs < 0.8))
+        kept = set(order[:n_keep])
+        assert {i for i in range(40) if np.isfinite(got[i])} == kept
+        assert np.allclose(got[list(kept)], scaled[list(kept)])
+
+
+def test_sharded_equals_unsharded(params):
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+    shardings = sharding.tree_shardings(llama.param_axes(CFG), llama.param_shapes(CFG), mesh)
+    sharded = jax.device_put(params, shardings)
+    prompts = PROMPTS + [[11, 12, 13]]
+    plain = Sampler(CFG).generate(params, prompts, max_new_tokens=8, temperature=0.9,
+                                  rng=jax.random.PRNGKey(1))
+    sampler = Sampler(CFG, mesh=mesh)
+    out = sampler.generate(sharded, prompts, max_new_tokens=8, temperature=0.9,
+                           rng=jax.random.PRNGKey(1))
+    assert np.array_equal(plain.tokens, out.tokens)
+    assert np.abs(plain.logprobs - out.logprobs).max() <= 1e-4
+    assert out.tokens.shape == (5, 8)
+
+
+def test_bad_arguments(params):
+    sampler = Sampler(CFG)
+    with pytest.raises(ValueError, match="at least one token"):
+        sampler.generate(params, [[1], []])
+    with pytest.raises(ValueError, match="top_p"):
+        sampler.generate(params, [[1]], top_p=0)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        sampler.generate(params, [[1]], stop_strings=["x"])
