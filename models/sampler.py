@@ -41,7 +41,7 @@ def _round_up(n: int, buckets: Sequence[int], step: int) -> int:
 
 @dataclasses.dataclass
 class SampleOutput:
-    """tokens/logprobs: [B, N] (zero past each row's length); lengths: [B] generated tokens;
+    """tokens/logprobs: [B, N] (pad_id / 0 past each row's length); lengths: [B] generated tokens;
     finish_reasons: "stop" (EOS/stop id), "stop_string" or "length"; texts if a tokenizer is set."""
 
     tokens: np.ndarray
