@@ -129,7 +129,7 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None,
 
 
 def cache_axes() -> KVCache:
-    """Logical axis names of the KV cache leaves."""
+    """Logical axis names of the (stacked) KV cache leaves."""
     kv = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
     return {"k": kv, "v": kv, "positions": ("batch", "cache_seq"),
             "segment_ids": ("batch", "cache_seq"), "index": ()}
@@ -266,12 +266,12 @@ def forward(
                 ks.append(new[0])
                 vs.append(new[1])
         k_all, v_all = tuple(ks), tuple(vs)
-    # The cache rides in the scan carry, so each layer's update is in place (no per-step copy).
     elif kv_cache is None:
         x, _ = jax.lax.scan(
             lambda x, lp: (_layer(config, x, lp, cos, sin, mask, None, None)[0], None),
             x, params["layers"])
     else:
+        # The cache rides in the scan carry, so each layer's update is in place (no copy).
         def body(carry, layer_in):
             x, k_all, v_all = carry
             lp, layer = layer_in

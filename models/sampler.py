@@ -147,6 +147,16 @@ class Sampler:
         s = self._batch_sharding(x.ndim)
         return jax.device_put(x, s) if s is not None else jnp.asarray(x)
 
+    def _unstacked(self, params):
+        """Per-layer copies of `params`, made once per params object (a rollout calls generate
+        many times with the same weights)."""
+        leaves = jax.tree_util.tree_leaves(params)
+        last = getattr(self, "_last_unstacked", None)
+        if last is None or len(last[0]) != len(leaves) or any(
+                a is not b for a, b in zip(last[0], leaves)):
+            self._last_unstacked = (leaves, self._unstack_fn(params))
+        return self._last_unstacked[1]
+
     # --- compiled pieces -------------------------------------------------------------------
     def _compile(self, key, fn, *args):
         if key not in self._compiled:
@@ -241,7 +251,7 @@ class Sampler:
         tokens, positions, segments = map(self._put, (tokens, positions, segments))
 
         if self.unstack:
-            params = self._unstack_fn(params)
+            params = self._unstacked(params)
         sig = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
                     for x in jax.tree_util.tree_leaves(params))
         prefill = self._compile(("prefill", batch, plen, cache_len, sig), self._prefill_fn(cache_len),

@@ -198,3 +198,15 @@ def test_bad_arguments(params):
         sampler.generate(params, [[1]], top_p=0)
     with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
         sampler.generate(params, [[1]], stop_strings=["x"])
+
+
+def test_unstacked_copy_is_reused_until_params_change(params):
+    sampler = Sampler(CFG, unstack_layers=True)
+    a = sampler.generate(params, [[1, 2]], max_new_tokens=4, temperature=0)
+    first = sampler._last_unstacked[1]
+    sampler.generate(params, [[3, 4]], max_new_tokens=4, temperature=0)
+    assert sampler._last_unstacked[1] is first
+    changed = jax.tree_util.tree_map(lambda x: x * 1.5, params)
+    b = sampler.generate(changed, [[1, 2]], max_new_tokens=4, temperature=0)
+    assert sampler._last_unstacked[1] is not first
+    assert not np.array_equal(a.logprobs, b.logprobs)  # the new weights were used
