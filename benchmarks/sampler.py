@@ -86,16 +86,7 @@ def main(argv=None):
     flops_tok = model_flops_per_token(cfg, len(prompt) + n_new // 2)
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
 
-    sampler = Sampler(cfg, pad_id=0)
-    rows = {}
-    for b in batches:
-        run = lambda: sampler.generate(params, [prompt] * b, max_new_tokens=n_new,  # noqa: E731
-                                       temperature=0)
-        run()  # compile
-        secs = min(_timed(run) for _ in range(2))
-        rows[b] = {"ours": b * n_new / secs}
-
-    notes = []
+    notes, hf = [], None
     if not args.no_transformers:
         try:
             import torch
@@ -109,20 +100,30 @@ def main(argv=None):
                 loader.save_hf(params, cfg, tmp)
                 tdt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
                 hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=tdt).eval().to(dev)
-            for b in peer_batches:
-                ids = torch.tensor([prompt] * b, device=dev)
-                kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
-                          max_new_tokens=n_new, min_new_tokens=n_new)
 
-                def gen(kw=kw, ids=ids):
-                    with torch.inference_mode():
-                        hf.generate(ids, **kw)
-                    if on_gpu:
-                        torch.cuda.synchronize()
+    # Each batch size times ours and then the peer back to back, so that drift in a shared
+    # machine's speed affects both sides of a ratio alike.
+    sampler = Sampler(cfg, pad_id=0)
+    rows = {}
+    for b in batches:
+        run = lambda: sampler.generate(params, [prompt] * b, max_new_tokens=n_new,  # noqa: E731
+                                       temperature=0)
+        run()  # compile
+        rows[b] = {"ours": b * n_new / min(_timed(run) for _ in range(2))}
+        if hf is not None and b in peer_batches:
+            ids = torch.tensor([prompt] * b, device=dev)
+            kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+                      max_new_tokens=n_new, min_new_tokens=n_new)
 
-                gen({**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-                rows.setdefault(b, {})["transformers"] = b * n_new / _timed(gen)
-            del hf
+            def gen(kw=kw, ids=ids):
+                with torch.inference_mode():
+                    hf.generate(ids, **kw)
+                if on_gpu:
+                    torch.cuda.synchronize()
+
+            gen({**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+            rows[b]["transformers"] = b * n_new / _timed(gen)
+    hf = None  # free the peer before llama.cpp loads
 
     llamacpp = None
     if gguf_path and not on_gpu:
