@@ -162,10 +162,13 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    # The mean square as a dot with a ones vector: XLA:CPU runs small row reductions far slower
-    # than the equivalent matrix-vector product.
-    ones = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], jnp.float32)
-    mean_sq = jnp.matmul(x32 * x32, ones, precision=jax.lax.Precision.HIGHEST)
+    if jax.default_backend() == "cpu":
+        # As a dot with a ones vector: XLA:CPU runs small row reductions far slower than the
+        # equivalent matrix-vector product.
+        ones = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], jnp.float32)
+        mean_sq = jnp.matmul(x32 * x32, ones, precision=jax.lax.Precision.HIGHEST)
+    else:
+        mean_sq = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     normed = x32 * jax.lax.rsqrt(mean_sq + eps)
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 

@@ -73,13 +73,16 @@ def _filter_logits(logits, temperature, top_k: int, top_p: bool, top_p_value):
 
 def _choose(logits, row_keys, step, temperature, top_p_value, *, greedy, top_k, top_p):
     """Next tokens [B] and their log-probs under the raw model distribution."""
-    # log-normaliser over the vocabulary. On XLA:CPU, fused into the LM head or summed by a
-    # reduction this costs several times more than as separate exp and matrix-vector steps.
-    logits_b = jax.lax.optimization_barrier(logits)
-    peak = jnp.max(logits_b, axis=-1)
-    shifted = jax.lax.optimization_barrier(jnp.exp(logits_b - peak[:, None]))
-    ones = jnp.ones((logits.shape[-1],), jnp.float32)
-    log_z = peak + jnp.log(jnp.matmul(shifted, ones, precision=jax.lax.Precision.HIGHEST))
+    if jax.default_backend() == "cpu":
+        # The log-normaliser over the vocabulary: on XLA:CPU, fused into the LM head or summed
+        # by a reduction it costs several times more than as separate exp and matvec steps.
+        logits_b = jax.lax.optimization_barrier(logits)
+        peak = jnp.max(logits_b, axis=-1)
+        shifted = jax.lax.optimization_barrier(jnp.exp(logits_b - peak[:, None]))
+        ones = jnp.ones((logits.shape[-1],), jnp.float32)
+        log_z = peak + jnp.log(jnp.matmul(shifted, ones, precision=jax.lax.Precision.HIGHEST))
+    else:
+        log_z = jax.nn.logsumexp(logits, axis=-1)
     if greedy:
         token = jnp.argmax(logits, axis=-1)
     else:
