@@ -29,14 +29,20 @@ def stop_ids(model) -> tuple:
     return tuple(sorted(ids))
 
 
+def make_sampler(model) -> Sampler:
+    """A sampler for `model` that pads with its EOS id (keep one per model: it holds the
+    compiled executables)."""
+    pad = model.tokenizer.eos_id if model.tokenizer.eos_id is not None else 0
+    return Sampler(model.config, pad_id=pad)
+
+
 def chat_batch(model, chats: Sequence[list], *, sampler: Optional[Sampler] = None,
                max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop_strings: Sequence[str] = ()):
     """Replies to many chats in one sampler call; returns the SampleOutput (with .texts)."""
     tok = model.tokenizer
     prompts = [tok.encode_chat(c, add_generation_prompt=True).ids for c in chats]
-    pad = tok.eos_id if tok.eos_id is not None else 0
-    sampler = sampler or Sampler(model.config, pad_id=pad)
+    sampler = sampler or make_sampler(model)
     return sampler.generate(model.params, prompts, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             rng=jax.random.PRNGKey(seed), stop_ids=stop_ids(model),
@@ -118,8 +124,7 @@ def main(argv: Optional[list] = None) -> int:
             ids, chats = [0], [msgs + [{"role": "user", "content": args.prompt}]]
         model = registry.load(args.model, tokenizer_path=args.tokenizer, param_dtype=args.dtype,
                               dtype=args.dtype)
-        pad = model.tokenizer.eos_id if model.tokenizer.eos_id is not None else 0
-        sampler = Sampler(model.config, pad_id=pad)
+        sampler = make_sampler(model)
         kw = dict(sampler=sampler, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop_strings=args.stop)
         out_file = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout

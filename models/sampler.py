@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import llama
 from models.config import LlamaConfig
+from models.tokenizer import pad_batch
 
 
 def _round_up(n: int, buckets: Sequence[int], step: int) -> int:
@@ -247,15 +248,9 @@ class Sampler:
         new_len = _round_up(max_new_tokens, self.length_buckets, self.length_buckets[-1])
         cache_len = plen + new_len
 
-        tokens = np.full((batch, plen), self.pad_id, np.int32)
-        segments = np.zeros((batch, plen), np.int32)
-        positions = np.zeros((batch, plen), np.int32)
-        prompt_lengths = np.zeros((batch,), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, plen - len(p):] = p
-            segments[i, plen - len(p):] = 1
-            positions[i, plen - len(p):] = np.arange(len(p))
-            prompt_lengths[i] = len(p)
+        rows = [list(p) for p in prompts] + [[]] * (batch - n)  # bucket rows are all padding
+        tokens, positions, segments = pad_batch(rows, self.pad_id, plen, left=True)
+        prompt_lengths = segments.sum(axis=1).astype(np.int32)
         tokens, positions, segments = map(self._put, (tokens, positions, segments))
 
         if self.unstack:
