@@ -12,6 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=[p for name in PACKAGES for p in (name, name + ".*")]),
+    # Word lists, grids, maps and prompt templates the game generators read.
+    package_data={"games": ["resources/*/*.json", "resources/*/*.template", "resources/*/*.md"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -25,9 +27,12 @@ setup(
         "numpy>=1.26",
         "ml_dtypes>=0.5",
         "absl-py>=2.1",
+        "snowballstemmer>=2.2",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "hypothesis>=6.100"],
         # Reference implementations for parity tests (CPU torch; accelerate for GGUF loading).
         "parity": ["torch>=2.4", "transformers>=4.50", "accelerate>=1.0"],
         "tpu": ["jax[tpu]"],

@@ -1,0 +1,68 @@
+"""The rollout driver's model side: a policy that answers game requests with the sampler.
+
+`ModelPolicy(model)(requests)` turns each request's chat messages into a prompt with the model's
+chat template, answers all of them in as few sampler calls as the batch size allows, and keeps the
+sampled token ids and log-probs of the last call (`last`) for the trainer. A prompt that would not
+fit the model's context gets an empty reply, which the game scores by its own rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+
+from models import generate as gen
+
+
+@dataclasses.dataclass
+class PolicyOutput:
+    texts: list
+    prompt_ids: list       # token ids of each prompt (None when it did not fit)
+    tokens: list           # sampled token ids per reply (without padding)
+    logprobs: list         # log-prob of each sampled token
+
+
+class ModelPolicy:
+    def __init__(self, model, *, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32, sampler=None,
+                 strip: bool = True):
+        self.model = model
+        self.sampler = sampler or gen.make_sampler(model)
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+        self.batch_size = int(batch_size)
+        self.strip = strip
+        self._key = jax.random.PRNGKey(seed)
+        self._calls = 0
+        self.last: Optional[PolicyOutput] = None
+        self.limit = int(model.config.max_position_embeddings)
+
+    def encode(self, messages: Sequence[dict]) -> list:
+        return self.model.tokenizer.encode_chat(list(messages), add_generation_prompt=True).ids
+
+    def __call__(self, requests: Sequence[Any]) -> list:
+        chats = [list(r.messages) if hasattr(r, "messages") else list(r) for r in requests]
+        prompts = [self.encode(c) for c in chats]
+        texts = [""] * len(chats)
+        tokens: list = [[] for _ in chats]
+        logprobs: list = [[] for _ in chats]
+        fits = [i for i, p in enumerate(prompts) if len(p) + self.max_new_tokens <= self.limit]
+        for start in range(0, len(fits), self.batch_size):
+            idx = fits[start:start + self.batch_size]
+            key = jax.random.fold_in(self._key, self._calls)
+            self._calls += 1
+            out = self.sampler.generate(
+                self.model.params, [prompts[i] for i in idx], max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, rng=key,
+                stop_ids=gen.stop_ids(self.model), tokenizer=self.model.tokenizer)
+            for j, i in enumerate(idx):
+                n = int(out.lengths[j])
+                tokens[i] = [int(t) for t in out.tokens[j][:n]]
+                logprobs[i] = [float(x) for x in out.logprobs[j][:n]]
+                texts[i] = out.texts[j].strip() if self.strip else out.texts[j]
+        fit = set(fits)
+        self.last = PolicyOutput(texts, [p if i in fit else None for i, p in enumerate(prompts)], tokens,
+                                 logprobs)
+        return texts
