@@ -227,7 +227,9 @@ def main(argv=None) -> int:
     for r in bad[: args.show]:
         where = f", first differing round {r.first_diff_round}" if r.first_diff_round is not None else ""
         diffs = "; ".join(f"{k}: recorded {a} vs {b}" for k, (a, b) in r.differences.items())
-        print(f"- {r.folder}: {diffs or r.note}{where}" + (f" ({r.note})" if diffs and r.note else ""))
+        cfg = (" [no experiment config recorded: the game's own defaults were used]"
+               if r.used_default_config else "")
+        print(f"- {r.folder}: {diffs or r.note}{where}" + (f" ({r.note})" if diffs and r.note else "") + cfg)
     if len(bad) > args.show:
         print(f"... and {len(bad) - args.show} more")
     return 0

@@ -39,6 +39,10 @@ class ModelPolicy:
         self.last: Optional[PolicyOutput] = None
         self.limit = int(model.config.max_position_embeddings)
 
+    def player(self):
+        """A single-episode player for `games.core.run_episode`: messages -> reply text."""
+        return lambda messages: self([list(messages)])[0]
+
     def encode(self, messages: Sequence[dict]) -> list:
         return self.model.tokenizer.encode_chat(list(messages), add_generation_prompt=True).ids
 

@@ -59,3 +59,18 @@ def test_eval_cli_with_model_and_partner(tmp_path, capsys):
     assert inter["players"]["Player 1"]["model_name"] == "strong-programmatic"
     assert inter["players"]["Player 2"]["model_name"] == "smollm2-135m-instruct"
     assert "overall" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_model_player_callback_plays_a_whole_episode(smollm2):
+    from games.core import run_episode
+    from playpen_jax.rollout import ModelPolicy
+
+    ep = registry.instances("wordle", "test", 0)[0]
+    player = ModelPolicy(smollm2, max_new_tokens=16).player()
+    master = run_episode(registry.make_master(ep, ["smollm2"]), [player])
+    assert master.done
+    replies = [e for rnd in master.turns for e in rnd if e.type == "get message"]
+    assert replies and all(isinstance(e.content, str) for e in replies)
+    # The model's words are what the game scored: its first reply is in the player's history.
+    assert master.histories[0][1] == {"role": "assistant", "content": replies[0].content}
