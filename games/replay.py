@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -57,10 +58,14 @@ def _same(a: Any, b: Any) -> bool:
     return abs(fa - fb) <= 1e-6 * max(1.0, abs(fa))
 
 
+@functools.lru_cache(maxsize=None)
+def _default_experiments(game: str) -> tuple:
+    return tuple(registry.get(game).generate("test", 0)["experiments"])
+
+
 def default_experiment(game: str, name: str) -> dict:
     """The game's own config for an experiment name (falls back to its first experiment)."""
-    spec = registry.get(game)
-    exps = spec.generate("test", 0)["experiments"]
+    exps = _default_experiments(game)
     for e in exps:
         if e.get("name") == name:
             return {k: v for k, v in e.items() if k != "game_instances"}

@@ -137,6 +137,11 @@ def test_eval_and_replay_clis(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and "100.0%" in text
     assert len(list((tmp_path / "rescored").rglob("scores.json"))) == 9
+    # Without its experiment config a record is replayed on the game's own defaults.
+    exp = sorted(out.rglob("taboo/*/experiment.json"))[0]
+    exp.unlink()
+    results = replay.replay_dir(exp.parent)
+    assert results and all(r.used_default_config and r.agrees for r in results)
     # A record whose reply was altered disagrees, and the report names the round.
     victim = sorted(out.rglob("interactions.json"))[0]
     inter = json.loads(victim.read_text())
