@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import time
@@ -48,12 +47,23 @@ def episodes_for(games: list[str], split_name: str, seed: int, limit: int | None
     return eps
 
 
+def _nan_to_none(obj):
+    """results.json is strict JSON: a missing quality (NaN) is written as null."""
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
 def write_results(out: Path, per_game: dict, meta: dict) -> dict:
     res = clemscore.aggregate(per_game)
     res["meta"] = meta
     res["games"] = {g: {**s, "set": "training" if g in split.TRAINING_GAMES else "held-out"}
                     for g, s in res["games"].items()}
-    records.dump_json(out / "results.json", json.loads(json.dumps(res, default=str).replace("NaN", "null")))
+    records.dump_json(out / "results.json", _nan_to_none(res))
     plot(out / "clemscore.png", res, title=meta.get("model", ""))
     return res
 
