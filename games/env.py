@@ -76,6 +76,7 @@ class TurnRecord:
     reply: str
     learner: bool
     probe: bool
+    scripted: bool = False  # replayed from the episode's script, not answered by a player
 
 
 @dataclasses.dataclass
@@ -118,10 +119,15 @@ class _Live:
     tag: Any
     request: Request | None = None
     request_id: int | None = None
+    script: list = dataclasses.field(default_factory=list)  # replies for the first requests
 
 
 class BatchedGameEnv:
     """Runs episodes from `source` (Episodes, or (Episode, tag) pairs) `batch_size` at a time.
+
+    A source item (Episode, tag, script) replays `script` (a list of reply texts) as the answers to
+    the episode's first len(script) requests, whoever they are for, and then plays on normally:
+    this branches an episode from a recorded prefix (the game masters are deterministic).
 
     learner_roles: roles the learner plays; "all" (self-play: every role is the learner), or a
       mapping game -> roles, or a sequence of role names applied to every game. Roles of a game
@@ -182,10 +188,11 @@ class BatchedGameEnv:
             except StopIteration:
                 self._exhausted = True
                 break
-            ep, tag = item if isinstance(item, tuple) else (item, None)
-            self._start(ep, tag)
+            if not isinstance(item, tuple):
+                item = (item, None)
+            self._start(*item)
 
-    def _start(self, ep: registry.Episode, tag: Any) -> None:
+    def _start(self, ep: registry.Episode, tag: Any, script: Sequence[str] = ()) -> None:
         spec = registry.get(ep.game)
         learner = self._learner_for(ep.game, spec.roles)
         players = {}
@@ -197,16 +204,23 @@ class BatchedGameEnv:
                   (self.partner_name if r in players or self.partner is None else "partner")
                   for r in spec.roles]
         master = registry.make_master(ep, player_models=models)
-        live = _Live(self._next_episode, ep, master, players, learner, [], tag)
+        live = _Live(self._next_episode, ep, master, players, learner, [], tag, script=list(script))
         self._next_episode += 1
         self._live.append(live)
         self._advance(live, master.start())
 
     def _advance(self, live: _Live, req: Request | None) -> None:
-        # Programmatic players answer inside the environment until an outside request or the end.
-        while req is not None and req.role in live.players:
-            reply = live.players[req.role](list(req.messages))
-            live.turns.append(TurnRecord(req.role, req.player, req.messages, reply, False, req.probe))
+        # Scripted replies, then programmatic players, answer inside the environment until an
+        # outside request or the end.
+        while req is not None and (live.script or req.role in live.players):
+            scripted = bool(live.script)
+            if scripted:
+                reply = live.script.pop(0)
+            else:
+                reply = live.players[req.role](list(req.messages))
+            learner = scripted and req.role in live.learner
+            live.turns.append(TurnRecord(req.role, req.player, req.messages, reply, learner, req.probe,
+                                         scripted))
             req = live.master.step(reply)
         live.request = req
         if req is None:

@@ -61,7 +61,7 @@ def _nan_to_none(obj):
 def write_results(out: Path, per_game: dict, meta: dict) -> dict:
     res = clemscore.aggregate(per_game)
     res["meta"] = meta
-    res["games"] = {g: {**s, "set": "training" if g in split.TRAINING_GAMES else "held-out"}
+    res["games"] = {g: {**s, "set": split.set_of(g)}
                     for g, s in res["games"].items()}
     records.dump_json(out / "results.json", _nan_to_none(res))
     plot(out / "clemscore.png", res, title=meta.get("model", ""))
@@ -76,7 +76,8 @@ def plot(path: Path, res: dict, title: str = "") -> None:
 
     games = list(res["games"])
     vals = [res["games"][g]["clemscore"] for g in games] + [res["clemscore"]]
-    colors = ["#4c72b0" if g in split.TRAINING_GAMES else "#dd8452" for g in games] + ["#333333"]
+    palette = {"training": "#4c72b0", "held-out": "#dd8452", "test": "#55a868"}
+    colors = [palette[split.set_of(g)] for g in games] + ["#333333"]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(vals) + 2), 4))
     ax.bar(range(len(vals)), [0 if (v is None or math.isnan(v)) else v for v in vals], color=colors)
     ax.set_xticks(range(len(vals)), games + ["overall"], rotation=45, ha="right")

@@ -1,4 +1,4 @@
-"""List the games: roles, Playpen split (training / held-out) and instance counts per split.
+"""List the games: roles, Playpen split (training / held-out / test game) and instance counts.
 
     python -m games.list [--seed 0] [--json]
 """
@@ -15,10 +15,11 @@ from games.core import GameError
 
 def table(seed: int = 0) -> list[dict]:
     rows = []
-    for name in split.TRAINING_GAMES + split.HELD_OUT_GAMES:
+    for name in split.TRAINING_GAMES + split.HELD_OUT_GAMES + [
+            g for g in registry.names() if split.set_of(g) == "test"]:
         spec = registry.get(name)
         counts = {s: len(registry.instances(name, s, seed)) for s in registry.SPLITS}
-        rows.append({"game": name, "set": "training" if name in split.TRAINING_GAMES else "held-out",
+        rows.append({"game": name, "set": split.set_of(name),
                      "roles": list(spec.roles), **counts})
     return rows
 

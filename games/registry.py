@@ -35,6 +35,8 @@ GAME_MODULES = {
     "textmapworld": "games.textmapworld",
     "textmapworld_graphreasoning": "games.textmapworld",
     "textmapworld_specificroom": "games.textmapworld",
+    # A test game for learning code; it is in neither list of games.split.
+    "colourname": "games.colourname",
 }
 
 # A player factory builds a player for one role of one episode.

@@ -24,3 +24,13 @@ HELD_OUT_GAMES = [
     "textmapworld_graphreasoning",
     "textmapworld_specificroom",
 ]
+
+
+def set_of(game: str) -> str:
+    """"training", "held-out", or "test" for a game outside the Playpen split (e.g. colourname,
+    a trivially learnable game that exists to test learning code)."""
+    if game in TRAINING_GAMES:
+        return "training"
+    if game in HELD_OUT_GAMES:
+        return "held-out"
+    return "test"

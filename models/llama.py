@@ -225,6 +225,15 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
     return x, cache
 
 
+def lm_head(params: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Logits (f32) of final hidden states x [..., D]."""
+    if config.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(config.jnp_dtype),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(config.jnp_dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def forward(
     params: Params,
     tokens: jax.Array,
@@ -233,8 +242,15 @@ def forward(
     kv_cache: Optional[KVCache] = None,
     *,
     config: LlamaConfig,
+    remat: bool = False,
+    return_hidden: bool = False,
 ) -> tuple[jax.Array, Optional[KVCache]]:
     """Logits [B, T, V] (f32) for tokens [B, T], and the updated KV cache (None if none given).
+
+    remat: recompute each layer's activations in the backward pass instead of keeping them (only
+    the layer inputs are saved): training memory no longer grows with attention scores x layers.
+    return_hidden: return the final normed hidden states [B, T, D] instead of logits (for a loss
+    that applies the LM head chunk by chunk, see `lm_head`).
 
     positions: [B, T] int, default 0..T-1 (offset by the cache's write index when a cache is given).
     segment_ids: [B, T] int, default all 1; 0 marks padding. With a cache the T new tokens are
@@ -274,9 +290,12 @@ def forward(
                 vs.append(new[1])
         k_all, v_all = tuple(ks), tuple(vs)
     elif kv_cache is None:
-        x, _ = jax.lax.scan(
-            lambda x, lp: (_layer(config, x, lp, cos, sin, mask, None, None)[0], None),
-            x, params["layers"])
+        def body(x, lp):
+            return _layer(config, x, lp, cos, sin, mask, None, None)[0], None
+
+        if remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, params["layers"])
     else:
         # The cache rides in the scan carry, so each layer's update is in place (no copy).
         def body(carry, layer_in):
@@ -290,12 +309,7 @@ def forward(
                                             (params["layers"], layers))
 
     x = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    if config.tie_word_embeddings:
-        logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(config.jnp_dtype),
-                            preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(config.jnp_dtype),
-                            preferred_element_type=jnp.float32)
+    logits = x if return_hidden else lm_head(params, x, config)
 
     new_cache = None
     if kv_cache is not None:

@@ -225,6 +225,16 @@ class HFTokenizer(Tokenizer):
                 template = f.read()
         return cls(fast, _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token")), template)
 
+    def save(self, path: str) -> None:
+        """Writes tokenizer.json and tokenizer_config.json (special tokens, chat template) to the
+        directory `path`, which `from_dir` reads back to the same tokenizer."""
+        os.makedirs(path, exist_ok=True)
+        self._tok.save(os.path.join(path, "tokenizer.json"))
+        cfg = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+               "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=2)
+
     def _encode_plain(self, text: str) -> list:
         return self._tok.encode(text, add_special_tokens=False).ids
 

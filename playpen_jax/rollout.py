@@ -1,15 +1,22 @@
-"""The rollout driver's model side: a policy that answers game requests with the sampler.
+"""The rollout driver: game environments answered by the sampler, episodes kept as tokens.
 
 `ModelPolicy(model)(requests)` turns each request's chat messages into a prompt with the model's
 chat template, answers all of them in as few sampler calls as the batch size allows, and keeps the
 sampled token ids and log-probs of the last call (`last`) for the trainer. A prompt that would not
-fit the model's context gets an empty reply, which the game scores by its own rules.
+fit the model's context gets an empty reply, which the game scores by its own rules. `params`
+(default: the model's) may be replaced between calls, e.g. by the weights being trained.
+
+`play(env, learner, partner)` runs a `games.env.BatchedGameEnv` to the end: at every step all
+pending learner requests of all live episodes go to the learner policy in one call (and the
+partner's, when the partner is a model, to the partner). It returns each finished episode with the
+learner's turns as the sampler produced them (`Trace`: prompt ids, sampled ids, their log-probs),
+so training uses the exact tokens that were sampled, never a re-encoding of the text.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 
@@ -27,8 +34,9 @@ class PolicyOutput:
 class ModelPolicy:
     def __init__(self, model, *, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 32, sampler=None,
-                 strip: bool = True):
+                 strip: bool = True, params=None):
         self.model = model
+        self.params = model.params if params is None else params
         self.sampler = sampler or gen.make_sampler(model)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
@@ -58,7 +66,7 @@ class ModelPolicy:
             key = jax.random.fold_in(self._key, self._calls)
             self._calls += 1
             out = self.sampler.generate(
-                self.model.params, [prompts[i] for i in idx], max_new_tokens=self.max_new_tokens,
+                self.params, [prompts[i] for i in idx], max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, rng=key,
                 stop_ids=gen.stop_ids(self.model), tokenizer=self.model.tokenizer)
             for j, i in enumerate(idx):
@@ -70,3 +78,50 @@ class ModelPolicy:
         self.last = PolicyOutput(texts, [p if i in fit else None for i, p in enumerate(prompts)], tokens,
                                  logprobs)
         return texts
+
+
+@dataclasses.dataclass
+class Trace:
+    """One learner turn as sampled: the prompt's ids, the reply's ids and their log-probs."""
+
+    prompt_ids: list
+    tokens: list
+    logprobs: list
+
+
+def play(env, learner: Callable, partner: Optional[Callable] = None,
+         on_step: Optional[Callable[[int], None]] = None) -> list:
+    """Plays `env` to the end; returns [(FinishedEpisode, [Trace or None per learner turn])].
+
+    learner / partner: callables over a list of env requests returning reply texts; a
+    `ModelPolicy` learner also yields traces (None for a turn whose prompt did not fit).
+    partner is needed only when the env hands out partner requests (its `partner` is None).
+    on_step(number of requests answered) is called after every env step.
+    """
+    traces: dict = {}
+    finished = list(env.step({}))
+    while not env.done:
+        reqs = env.pending()
+        if not reqs:
+            raise RuntimeError("live episodes but no pending requests")
+        mine = [r for r in reqs if r.learner]
+        theirs = [r for r in reqs if not r.learner]
+        replies = {}
+        if mine:
+            texts = learner(mine)
+            out = getattr(learner, "last", None)
+            for i, r in enumerate(mine):
+                replies[r.id] = texts[i]
+                trace = None
+                if isinstance(out, PolicyOutput) and out.prompt_ids[i] is not None:
+                    trace = Trace(list(out.prompt_ids[i]), list(out.tokens[i]), list(out.logprobs[i]))
+                traces.setdefault(r.episode_id, []).append(trace)
+        if theirs:
+            if partner is None:
+                raise RuntimeError("the environment hands out partner requests but no partner was given")
+            for r, text in zip(theirs, partner(theirs)):
+                replies[r.id] = text
+        finished.extend(env.step(replies))
+        if on_step is not None:
+            on_step(len(reqs))
+    return [(f, traces.pop(f.episode_id, [])) for f in finished]

@@ -75,8 +75,15 @@ def sequence_logprobs(
     loss_mask: Optional[jax.Array],
     *,
     config: LlamaConfig,
+    remat: bool = True,
+    chunk: int = 256,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs of each token given its prefix, from one forward pass.
+
+    Memory: with `remat` each layer is recomputed in the backward pass, and the LM head and its
+    log-softmax run over `chunk` positions at a time (recomputed in the backward pass too), so
+    neither the attention scores of every layer nor the [B, T, V] logits are ever held at once.
+    The values are those of the plain forward.
 
     tokens, positions, segment_ids, loss_mask: [B, T]. Segment id 0 marks padding (left, right, or
     between packed sequences); positions count from 0 at each sequence's first real token.
@@ -94,15 +101,36 @@ def sequence_logprobs(
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
     segment_ids = segment_ids.astype(jnp.int32)
-    logits, _ = llama.forward(params, tokens, positions, segment_ids, config=config)
-    # logits at t - 1 predict tokens[t]
-    next_lp = token_logprobs(logits[:, :-1], tokens[:, 1:])
+    hidden, _ = llama.forward(params, tokens, positions, segment_ids, config=config, remat=remat,
+                              return_hidden=True)
+    # hidden states at t - 1 predict tokens[t]
+    next_lp = _head_logprobs(params, hidden[:, :-1], tokens[:, 1:], config, chunk)
     same_seq = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
     if loss_mask is not None:
         same_seq = same_seq & (loss_mask[:, 1:] != 0)
     mask = jnp.concatenate([jnp.zeros((b, 1), bool), same_seq], axis=1)
     lp = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), next_lp], axis=1)
     return jnp.where(mask, lp, 0.0), mask.astype(jnp.float32)
+
+
+def _head_logprobs(params, hidden: jax.Array, targets: jax.Array, config: LlamaConfig,
+                   chunk: int) -> jax.Array:
+    """token_logprobs(lm_head(hidden), targets), [B, N], computed `chunk` positions at a time."""
+
+    def piece(h, tgt):
+        return token_logprobs(llama.lm_head(params, h, config), tgt)
+
+    b, n = targets.shape
+    if chunk <= 0 or n <= chunk:
+        return jax.checkpoint(piece)(hidden, targets) if chunk > 0 else piece(hidden, targets)
+    pad = -n % chunk
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    tgt = jnp.pad(targets, ((0, 0), (0, pad)))
+    k = (n + pad) // chunk
+    h = h.reshape(b, k, chunk, -1).swapaxes(0, 1)
+    tgt = tgt.reshape(b, k, chunk).swapaxes(0, 1)
+    _, out = jax.lax.scan(lambda c, xs: (c, jax.checkpoint(piece)(*xs)), None, (h, tgt))
+    return out.swapaxes(0, 1).reshape(b, k * chunk)[:, :n]
 
 
 def sequence_sums(token_logprobs: jax.Array, mask: jax.Array) -> jax.Array:

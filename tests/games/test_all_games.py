@@ -11,11 +11,14 @@ from hypothesis import strategies as st
 from games import records, registry, replay, split
 from games.core import BENCH_SCORE, STANDARD_EPISODE_METRICS, run_episode
 
-GAMES = split.TRAINING_GAMES + split.HELD_OUT_GAMES
+# Registered games that belong to neither side of the Playpen split (games for testing learning code).
+TEST_GAMES = ["colourname"]
+GAMES = split.TRAINING_GAMES + split.HELD_OUT_GAMES + TEST_GAMES
 
 
 def test_split_covers_registry_and_is_disjoint():
     assert set(split.TRAINING_GAMES).isdisjoint(split.HELD_OUT_GAMES)
+    assert set(TEST_GAMES).isdisjoint(split.TRAINING_GAMES + split.HELD_OUT_GAMES)
     assert sorted(GAMES) == sorted(registry.names())
 
 

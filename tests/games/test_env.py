@@ -165,4 +165,5 @@ def test_cli_errors(tmp_path, capsys):
     assert game_list.main(["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["game"] for r in rows} == set(registry.names())
+    assert {r["game"] for r in rows if r["set"] != "test"} == set(registry.resolve_names("all"))
     assert all(r["test"] > 0 and r["train"] > 0 for r in rows)

@@ -449,3 +449,29 @@ def test_bad_numeric_options_raise_value_error():
         losses.dpo_loss(*_dpo_inputs(), kind="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         losses.dpo_loss(*_dpo_inputs(), label_smoothing=0.5)
+
+
+def test_chunked_head_and_remat_give_the_plain_values_and_gradients():
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(3))
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
+    seg = jnp.asarray(np.r_[[1] * 37, [1] * 30 + [0] * 7].reshape(2, 37), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, (2, 37)), jnp.float32)
+
+    def total(p, **kw):
+        lp, m = losses.sequence_logprobs(p, tokens, None, seg, mask, config=cfg, **kw)
+        return jnp.sum(lp * m), lp
+
+    (plain, lp0), g0 = jax.value_and_grad(total, has_aux=True)(params, remat=False, chunk=0)
+    (chunked, lp1), g1 = jax.value_and_grad(total, has_aux=True)(params, remat=True, chunk=8)
+    # 36 target positions in chunks of 8: the last chunk is padded
+    np.testing.assert_allclose(lp1, lp0, rtol=1e-5, atol=1e-5)
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+    # the same against logits of the plain forward
+    logits, _ = llama.forward(params, tokens, None, seg, config=cfg)
+    ref = jax.nn.log_softmax(logits[:, :-1], -1)
+    want = np.take_along_axis(np.asarray(ref), np.asarray(tokens[:, 1:])[..., None], -1)[..., 0]
+    m = np.asarray(lp0[:, 1:] != 0)
+    np.testing.assert_allclose(np.asarray(lp1[:, 1:])[m], want[m], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,88 @@
+"""The shared base of every run config.
+
+A config fully determines a run, seed included, and is saved next to its checkpoints. The method
+files (`grpo.py`, `sft.py`, `dpo.py`, `eval.py`) start from `get_base_config()` and change what their
+method needs. Every value can be overridden on the command line:
+
+    python -m train.main --config=configs/grpo.py --config.steps=100 --config.mesh.fsdp=8
+
+Defaults run a short but real run on the embedded SmolLM2-135M-Instruct on a CPU. The comments give
+the usual values for a Llama-3.1-8B run on a TPU pod (see tpu/README.md).
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_base_config(method: str) -> ConfigDict:
+    c = ConfigDict()
+    c.method = method               # "sft" | "dpo" | "grpo" | "eval"
+    c.seed = 0
+    c.run_dir = f"runs/{method}"    # checkpoints, metrics, records, plots, the exported model
+    c.resume = False                # continue from the newest complete checkpoint in run_dir
+    c.steps = 4                     # optimizer steps (8B: a few hundred)
+
+    c.model = ConfigDict()
+    c.model.name = "smollm2-135m-instruct"  # a known name, an HF checkpoint directory or a .gguf file
+    c.model.tokenizer = ""          # tokenizer path when it is not beside the model
+    c.model.param_dtype = "float32"  # "float32" | "bfloat16" (8B on TPU: bfloat16)
+    c.model.dtype = "float32"       # compute dtype
+
+    # Mesh axes (data, fsdp, tensor); one may be -1 = all remaining devices. 8B on v5e-64: fsdp=-1.
+    c.mesh = ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.optimizer = ConfigDict()
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.schedule = "constant"  # "constant" | "cosine" | "linear" (decay to 0 at `steps`)
+    c.optimizer.warmup_steps = 0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.99
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip = 1.0     # global-norm clip; 0 = off
+
+    # How token sequences become device batches.
+    c.batch = ConfigDict()
+    c.batch.max_seq_len = 1024      # longer sequences are left out (and counted in the metrics)
+    c.batch.micro_batch = 4         # rows per micro-batch (gradients are accumulated over them)
+    c.batch.pack = True             # several sequences per row where the objective is per token
+
+    # Which games, who plays what, and how episodes become rewards.
+    c.games = ConfigDict()
+    c.games.names = "train"         # "train" | "heldout" | "all" | comma-separated game names
+    c.games.learner_roles = "all"   # "all", or player numbers / role names, e.g. "2" or "Guesser"
+    c.games.partner = "strong"      # "strong" | "weak" (programmatic) | "reference" | "self"
+    c.games.reward = "quality"      # "quality" (Main Score / 100) | "success"
+    c.games.abort_penalty = 0.5     # an aborted episode's reward is -abort_penalty
+
+    c.rollout = ConfigDict()
+    c.rollout.max_new_tokens = 64
+    c.rollout.temperature = 1.0
+    c.rollout.top_k = 0
+    c.rollout.top_p = 1.0
+    c.rollout.batch_size = 32       # prompts per sampler call
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every = 2          # steps between checkpoints (and one at the end); 0 = end only
+    c.checkpoint.keep = 3
+
+    # clemscore on validation instances, played greedily with the configured partner.
+    c.eval = ConfigDict()
+    c.eval.every = 0                # steps between evals; 0 = at the start and the end only
+    c.eval.at_start = True
+    c.eval.games = "train"
+    c.eval.split = "validation"
+    c.eval.limit = 1                # instances per game (0 = all)
+    c.eval.max_new_tokens = 64
+
+    c.log = ConfigDict()
+    c.log.every = 1
+    c.log.tensorboard = True
+    c.log.progress = True           # a tqdm bar
+
+    c.export = ConfigDict()
+    c.export.hf = True              # write the final policy as an HF safetensors directory
+    c.export.dtype = "float32"
+    return c

@@ -1,0 +1,28 @@
+"""GRPO online on game play: G episodes per instance, advantages normalised within each group.
+
+Defaults: 2 instances x 4 episodes per step on the training games, the learner plays every role it
+can, with the strong programmatic player as partner. For Llama-3.1-8B on a pod: group_size=8,
+groups_per_step=64, model.param_dtype=bfloat16, mesh.fsdp=-1.
+"""
+
+from ml_collections import ConfigDict
+
+from configs.base import get_base_config
+
+
+def get_config() -> ConfigDict:
+    c = get_base_config("grpo")
+    c.optimizer.learning_rate = 1e-6
+    c.games.learner_roles = "2"     # the second player (one-player games: the only one)
+    c.grpo = ConfigDict()
+    c.grpo.group_size = 4           # G episodes per instance
+    c.grpo.groups_per_step = 2      # instances per step
+    c.grpo.clip_eps = 0.2
+    c.grpo.clip_eps_high = 0.2      # > clip_eps: DAPO's clip-higher
+    c.grpo.beta = 0.04              # KL weight; 0 skips the reference forward
+    c.grpo.kl = "k3"                # "k1" | "k2" | "k3" | "none"
+    c.grpo.aggregation = "token-mean"  # "token-mean" (DAPO) | "sequence-mean" (GRPO) | "sequence-sum-norm"
+    c.grpo.advantage_scale = "std"  # "std" | "none" (Dr. GRPO)
+    c.grpo.updates_per_batch = 1    # optimizer steps per rollout batch (old log-probs from the sampler)
+    c.grpo.drop_zero_variance = True  # leave out groups whose rewards are all equal (no signal)
+    return c

@@ -1,0 +1,21 @@
+"""SFT on the learner role's turns of episode records.
+
+Default source: the strong programmatic players, played on training instances of the training
+games (successful episodes only). `sft.source` may instead name a directory of clembench-format
+records (both layouts), e.g. a stronger model's runs.
+"""
+
+from ml_collections import ConfigDict
+
+from configs.base import get_base_config
+
+
+def get_config() -> ConfigDict:
+    c = get_base_config("sft")
+    c.optimizer.learning_rate = 2e-5
+    c.sft = ConfigDict()
+    c.sft.source = "strong"         # "strong" | a records directory
+    c.sft.episodes_per_game = 8     # strong-player episodes per game (source "strong")
+    c.sft.only_success = True       # train on successful episodes only
+    c.sft.batch_size = 4            # sequences (one per player per episode) per step
+    return c

@@ -1,0 +1,204 @@
+"""Episodes -> padded, bucketed device arrays. The losses never see text.
+
+A `TokenSequence` is one row of training data: token ids, a loss mask (1 on the tokens that the
+objective counts, i.e. the learner's own reply tokens), and per-token extras (the sampler's log-probs
+of those tokens for GRPO) plus per-sequence scalars (advantage, reward, group id).
+
+`pack` lays a list of sequences out as [M, n, T] arrays: M micro-batches of n rows of T tokens, each
+sequence starting at position 0 of its own row and right-padded with segment id 0. n is the
+configured micro-batch rounded up to a multiple of the data-parallel size; T is the longest sequence
+rounded up to a power-of-two bucket (at most `max_len`); M is rounded up to a power of two. So a
+jitted step compiles once per (M, T) bucket, a handful of times over a run. Padding rows have an
+all-zero loss mask and count nowhere; a micro-batch of padding rows only is skipped by the step.
+
+Each micro-batch carries its `weight`: its share of the normaliser of the whole batch's loss (its
+share of the counted tokens for a token mean, of the sequences for a mean over sequences). The step
+sums weight x micro-batch loss, which equals the loss of the batch taken at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from playpen_jax import sharding as shd
+
+
+@dataclasses.dataclass
+class TokenSequence:
+    tokens: list
+    loss_mask: list
+    old_logprobs: Optional[list] = None   # aligned with tokens; only read where loss_mask is 1
+    advantage: float = 0.0
+    reward: float = 0.0
+    group: int = 0
+    ref_logprob: float = 0.0   # the frozen reference's log-prob of the counted tokens (DPO)
+
+    def __post_init__(self):
+        if len(self.loss_mask) != len(self.tokens):
+            raise ValueError(f"loss_mask has {len(self.loss_mask)} entries for {len(self.tokens)} tokens")
+        if self.old_logprobs is not None and len(self.old_logprobs) != len(self.tokens):
+            raise ValueError(f"old_logprobs has {len(self.old_logprobs)} entries for "
+                             f"{len(self.tokens)} tokens")
+
+    @property
+    def counted(self) -> int:
+        """Tokens the loss counts (the first token of a row has no prefix and never counts)."""
+        return int(sum(self.loss_mask[1:]))
+
+
+def completion(prompt_ids: Sequence[int], reply_ids: Sequence[int],
+               reply_logprobs: Optional[Sequence[float]] = None, **scalars) -> TokenSequence:
+    """A prompt and the model's reply as one row; the loss counts the reply tokens only."""
+    tokens = list(prompt_ids) + list(reply_ids)
+    mask = [0] * len(prompt_ids) + [1] * len(reply_ids)
+    old = None
+    if reply_logprobs is not None:
+        if len(reply_logprobs) != len(reply_ids):
+            raise ValueError(f"{len(reply_logprobs)} log-probs for {len(reply_ids)} reply tokens")
+        old = [0.0] * len(prompt_ids) + [float(x) for x in reply_logprobs]
+    return TokenSequence(tokens, mask, old, **scalars)
+
+
+def length_bucket(n: int, max_len: int, smallest: int = 64) -> int:
+    """The power of two >= n (at least `smallest`), capped at max_len."""
+    b = smallest
+    while b < n:
+        b *= 2
+    return min(b, max_len)
+
+
+def _pow2(n: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return b
+
+
+def split_fitting(seqs: Sequence[TokenSequence], max_len: int) -> tuple[list, int]:
+    """(sequences of at most max_len tokens that count at least one token, number left out)."""
+    keep = [s for s in seqs if len(s.tokens) <= max_len and s.counted > 0]
+    return keep, len(seqs) - len(keep)
+
+
+def _place(seqs: Sequence[TokenSequence], t: int, packed: bool) -> list:
+    """Rows as lists of sequence indices: one per row, or first-fit-decreasing into rows of t."""
+    if not packed:
+        return [[i] for i in range(len(seqs))]
+    rows: list = []
+    room: list = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens)):
+        k = len(seqs[i].tokens)
+        for r, free in enumerate(room):
+            if k <= free:
+                rows[r].append(i)
+                room[r] -= k
+                break
+        else:
+            rows.append([i])
+            room.append(t - k)
+    return rows
+
+
+def pack(seqs: Sequence[TokenSequence], *, micro_batch: int, rows_multiple: int = 1, max_len: int,
+         pad_id: int = 0, weight_by: str = "tokens", length: Optional[int] = None,
+         micro_batches: Optional[int] = None, packed: bool = False) -> dict:
+    """[M, n, T] numpy arrays (see the module docstring) for sequences that fit max_len.
+
+    weight_by: "tokens" (a token mean over the batch) or "sequences" (a mean over sequences).
+    length / micro_batches: force T / M (e.g. to pack the two sides of preference pairs alike).
+    packed: put several sequences in a row (first fit, longest first), told apart by segment ids
+      1, 2, ...; per-sequence values then live in the per-token arrays only (token_advantages),
+      so use it with token-level objectives (SFT, GRPO with token-mean aggregation).
+    Returns tokens, positions, segment_ids, loss_mask, old_logprobs, token_advantages [M, n, T];
+    advantages, rewards, groups, ref_logprob, valid [M, n] (per row: meaningful unpacked); weight [M].
+    """
+    if not seqs:
+        raise ValueError("pack: no sequences")
+    too_long = [len(s.tokens) for s in seqs if len(s.tokens) > max_len]
+    if too_long:
+        raise ValueError(f"pack: a sequence of {max(too_long)} tokens exceeds max_len={max_len}")
+    t = length or length_bucket(max(len(s.tokens) for s in seqs), max_len)
+    placed = _place(seqs, t, packed)
+    n = -(-micro_batch // rows_multiple) * rows_multiple
+    m = micro_batches or _pow2(-(-len(placed) // n))
+    if m * n < len(placed):
+        raise ValueError(f"pack: {len(placed)} rows do not fit {m} micro-batches of {n}")
+    rows = m * n
+    out = {
+        "tokens": np.full((rows, t), pad_id, np.int32),
+        "positions": np.zeros((rows, t), np.int32),
+        "segment_ids": np.zeros((rows, t), np.int32),
+        "loss_mask": np.zeros((rows, t), np.float32),
+        "old_logprobs": np.zeros((rows, t), np.float32),
+        "token_advantages": np.zeros((rows, t), np.float32),
+        "advantages": np.zeros((rows,), np.float32),
+        "rewards": np.zeros((rows,), np.float32),
+        "groups": np.full((rows,), -1, np.int32),
+        "ref_logprob": np.zeros((rows,), np.float32),
+        "valid": np.zeros((rows,), np.float32),
+    }
+    for row, members in enumerate(placed):
+        at = 0
+        for seg, i in enumerate(members, start=1):
+            s = seqs[i]
+            k = len(s.tokens)
+            span = slice(at, at + k)
+            out["tokens"][row, span] = s.tokens
+            out["positions"][row, span] = np.arange(k)
+            out["segment_ids"][row, span] = seg
+            out["loss_mask"][row, span] = s.loss_mask
+            out["loss_mask"][row, at] = 0.0  # a sequence's first token has no prefix
+            if s.old_logprobs is not None:
+                out["old_logprobs"][row, span] = s.old_logprobs
+            out["token_advantages"][row, span] = s.advantage
+            at += k
+        first = seqs[members[0]]
+        out["advantages"][row] = first.advantage
+        out["rewards"][row] = first.reward
+        out["groups"][row] = first.group
+        out["ref_logprob"][row] = first.ref_logprob
+        out["valid"][row] = 1.0
+    out = {k: v.reshape((m, n) + v.shape[1:]) for k, v in out.items()}
+    if weight_by == "tokens":
+        per = out["loss_mask"].sum(axis=(1, 2))
+    elif weight_by == "sequences":
+        if packed:
+            raise ValueError("pack: weight_by='sequences' needs one sequence per row (packed=False)")
+        per = (out["loss_mask"].sum(axis=2) > 0).sum(axis=1).astype(np.float32)
+    else:
+        raise ValueError(f"weight_by={weight_by!r}: expected 'tokens' or 'sequences'")
+    total = per.sum()
+    out["weight"] = (per / total if total > 0 else per).astype(np.float32)
+    return out
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=shd.DEFAULT_RULES) -> NamedSharding:
+    """Arrays [M, n, ...]: rows (n) over the mesh's batch axes, the rest replicated."""
+    table = dict(rules)
+    axes = tuple(a for a in table["batch"] if mesh.shape[a] > 1)
+    row = axes if len(axes) > 1 else (axes[0] if axes else None)
+    return NamedSharding(mesh, PartitionSpec(None, row, *([None] * (ndim - 2))))
+
+
+def rows_multiple(mesh: Mesh, rules=shd.DEFAULT_RULES) -> int:
+    return int(np.prod([mesh.shape[a] for a in dict(rules)["batch"]]))
+
+
+def to_device(batch: dict, mesh: Mesh) -> dict:
+    """Places a packed batch with the data sharding (every process passes the same full batch)."""
+    out = {}
+    for k, v in batch.items():
+        if v.ndim < 2:
+            out[k] = jax.device_put(v, NamedSharding(mesh, PartitionSpec()))
+            continue
+        sh = batch_sharding(mesh, v.ndim)
+        if jax.process_count() == 1:
+            out[k] = jax.device_put(v, sh)
+        else:
+            out[k] = jax.make_array_from_process_local_data(sh, v, v.shape)
+    return out

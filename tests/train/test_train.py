@@ -1,0 +1,354 @@
+"""End-to-end training runs on a tiny model with a real tokenizer, and the pieces they rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from models import registry as model_registry
+from playpen_jax import buffers, checkpoint
+from playpen_jax import sharding as shd
+from playpen_jax.config import ConfigError, apply_override, validate
+from playpen_jax.config import load_file as load_config
+from playpen_jax.metrics import read_jsonl
+from tests.conftest import tiny_config
+from tests.train.tiny_model import make_tiny_model
+from train import losses
+from train import main as train_main
+from train import step as train_step
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _args(tiny_dir, run_dir, config="configs/grpo.py", **over):
+    base = {"model.name": tiny_dir, "run_dir": str(run_dir), "games.names": "colourname",
+            "eval.games": "colourname", "eval.limit": 3, "games.learner_roles": "all",
+            "rollout.max_new_tokens": 4, "log.progress": False, "batch.max_seq_len": 128}
+    base.update(over)
+    return [f"--config={config}"] + [f"--config.{k}={v}" for k, v in base.items()]
+
+
+def _metrics(run_dir, split="train"):
+    return [m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if m["split"] == split]
+
+
+# ----- configs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "no config file"),
+    (["--config=configs/nope.py"], "does not exist"),
+    (["--config=configs/grpo.py", "--config.stps=3"], "did you mean 'steps'"),
+    (["--config=configs/grpo.py", "--config.steps=abc"], "config.steps='abc'"),
+    (["--config=configs/grpo.py", "--config.grpo.kl=k9"], "'k1', 'k2', 'k3', 'none'"),
+    (["--config=configs/grpo.py", "--config.mesh.data=0"], "mesh.data"),
+    (["--config=configs/sft.py", "--config.grpo.beta=0"], "'grpo' is not in config"),
+    (["--config=configs/dpo.py", "--config.dpo.branches=1", "--config.dpo.teacher_branches=0"],
+     "at least 2"),
+    (["--config=configs/grpo.py", "--config.rollout.top_p=0"], "rollout.top_p"),
+    (["--config=configs/grpo.py", "--config.games.names=nogame"], "unknown game"),
+    (["--config=configs/grpo.py", "stray"], "unexpected argument"),
+])
+def test_bad_configs_give_one_clear_error(argv, needle, capsys):
+    assert train_main.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_every_config_file_validates_and_overrides_keep_types():
+    for name in ("grpo", "sft", "dpo", "eval"):
+        c = validate(load_config(f"configs/{name}.py"))
+        assert c.method == name
+    c = load_config("configs/grpo.py")
+    apply_override(c, "optimizer.learning_rate", "3e-4")
+    apply_override(c, "eval.at_start", "false")
+    apply_override(c, "mesh.fsdp", "-1")
+    apply_override(c, "mesh.data", "1")
+    assert c.optimizer.learning_rate == 3e-4 and c.eval.at_start is False and c.mesh.fsdp == -1
+    with pytest.raises(ConfigError, match="section"):
+        apply_override(c, "grpo", "1")
+
+
+# ----- buffers ----------------------------------------------------------------------------------
+
+def test_pack_layout_masks_and_weights():
+    seqs = [buffers.completion([5, 6, 7], [8, 9], [-0.1, -0.2], advantage=1.0, group=3),
+            buffers.completion([5], [4, 4, 4], [-1.0, -1.0, -1.0], advantage=-1.0, group=4),
+            buffers.completion([1, 2], [3], [-0.5], advantage=0.5, group=3)]
+    b = buffers.pack(seqs, micro_batch=2, rows_multiple=1, max_len=128, pad_id=0, weight_by="tokens")
+    assert b["tokens"].shape == (2, 2, 64)          # 3 rows -> 2 micro-batches of 2, T bucket 64
+    assert b["tokens"][0, 0, :5].tolist() == [5, 6, 7, 8, 9]
+    assert b["loss_mask"][0, 0, :6].tolist() == [0, 0, 0, 1, 1, 0]
+    assert b["old_logprobs"][0, 0, 3:5].tolist() == pytest.approx([-0.1, -0.2])
+    assert b["segment_ids"][0, 0].sum() == 5 and b["positions"][0, 1, :4].tolist() == [0, 1, 2, 3]
+    assert b["valid"].tolist() == [[1, 1], [1, 0]]
+    assert b["weight"].tolist() == pytest.approx([5 / 6, 1 / 6])   # counted tokens 2 + 3 | 1
+    s = buffers.pack(seqs, micro_batch=2, max_len=128, weight_by="sequences")
+    assert s["weight"].tolist() == pytest.approx([2 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        buffers.pack(seqs, micro_batch=2, max_len=4)
+    keep, dropped = buffers.split_fitting(seqs + [buffers.completion([1] * 200, [2])], 128)
+    assert len(keep) == 3 and dropped == 1
+    p = buffers.pack(seqs, micro_batch=2, max_len=128, packed=True)
+    assert p["tokens"].shape == (1, 2, 64) and p["valid"].tolist() == [[1, 0]]
+    row = p["segment_ids"][0, 0]
+    assert row[:5].tolist() == [1] * 5 and row[5:9].tolist() == [2] * 4 and row[9:12].tolist() == [3] * 3
+    assert p["positions"][0, 0, 5:9].tolist() == [0, 1, 2, 3]
+    assert p["loss_mask"][0, 0, :12].tolist() == [0, 0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1]
+    assert p["token_advantages"][0, 0, 5:9].tolist() == [-1.0] * 4
+    assert p["weight"].tolist() == [1.0]
+
+
+# ----- the train step ---------------------------------------------------------------------------
+
+def _random_completions(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for i in range(6):
+        p, r = rng.integers(3, cfg.vocab_size, 5 + i).tolist(), rng.integers(3, cfg.vocab_size, 3 + i % 3)
+        seqs.append(buffers.completion(p, r.tolist(), (-rng.random(len(r))).tolist(),
+                                       advantage=float(rng.normal()), group=i // 3))
+    return seqs
+
+
+def _optimizer():
+    from ml_collections import ConfigDict
+
+    return train_step.make_optimizer(ConfigDict(dict(learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                                                     b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,
+                                                     grad_clip=1.0)), 10)
+
+
+def _grpo_loss_fn(cfg, aggregation):
+    def loss_fn(params, mb, extra):
+        lp, mask = losses.sequence_logprobs(params, mb["tokens"], mb["positions"], mb["segment_ids"],
+                                            mb["loss_mask"], config=cfg)
+        ref, _ = losses.sequence_logprobs(extra["ref"], mb["tokens"], mb["positions"], mb["segment_ids"],
+                                          mb["loss_mask"], config=cfg)
+        return losses.grpo_loss(lp, mb["old_logprobs"], ref, mb["token_advantages"], mask, beta=0.1,
+                                aggregation=aggregation)
+    return loss_fn
+
+
+def _run_step(mesh, cfg, params, ref, seqs, micro_batch, packed=False):
+    opt = _optimizer()
+    p_sh = train_step.param_shardings(cfg, mesh)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    sh = train_step.state_shardings(p_sh, opt, abstract, mesh)
+    state = train_step.init_state(jax.device_put(params, p_sh), opt, sh)
+    weight_by = "tokens" if packed else "sequences"
+    batch = buffers.pack(seqs, micro_batch=micro_batch, rows_multiple=buffers.rows_multiple(mesh),
+                         max_len=64, weight_by=weight_by, packed=packed)
+    step = train_step.make_train_step(_grpo_loss_fn(cfg, "token-mean" if packed else "sequence-mean"),
+                                      opt, sh)
+    state, metrics = step(state, buffers.to_device(batch, mesh), {"ref": jax.device_put(ref, p_sh)})
+    state, metrics = step(state, buffers.to_device(batch, mesh), {"ref": jax.device_put(ref, p_sh)})
+    return jax.device_get(state), jax.device_get(metrics), state
+
+
+def _run_step_token_mean(mesh, cfg, params, ref, seqs):
+    opt = _optimizer()
+    p_sh = train_step.param_shardings(cfg, mesh)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    sh = train_step.state_shardings(p_sh, opt, abstract, mesh)
+    state = train_step.init_state(jax.device_put(params, p_sh), opt, sh)
+    batch = buffers.pack(seqs, micro_batch=8, max_len=64, weight_by="tokens")
+    step = train_step.make_train_step(_grpo_loss_fn(cfg, "token-mean"), opt, sh)
+    for _ in range(2):  # as `_run_step`
+        state, metrics = step(state, buffers.to_device(batch, mesh), {"ref": jax.device_put(ref, p_sh)})
+    return jax.device_get(metrics)
+
+
+def test_micro_batches_sharding_and_donation():
+    from models import llama
+
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(0))
+    ref = llama.init(cfg, jax.random.PRNGKey(1))
+    seqs = _random_completions(cfg)
+    one = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    full, m_full, _ = _run_step(one, cfg, params, ref, seqs, micro_batch=8)     # one micro-batch
+    micro, m_micro, _ = _run_step(one, cfg, params, ref, seqs, micro_batch=2)   # three (+1 skipped)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded, m_sh, live = _run_step(mesh, cfg, params, ref, seqs, micro_batch=2)
+    # The embedding is sharded over fsdp and the MLP over tensor on the 8-device mesh.
+    assert live["params"]["layers"]["w_gate"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor")
+    assert int(full["step"]) == 2
+    for other, m in ((micro, m_micro), (sharded, m_sh)):
+        assert m["loss"] == pytest.approx(m_full["loss"], rel=1e-4, abs=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                               full["params"], other["params"])
+    changed = np.abs(full["params"]["embed"] - np.asarray(params["embed"])).max()
+    assert changed > 1e-4
+    # token-mean over packed rows (several sequences per row) equals one sequence per row
+    packed, m_packed, _ = _run_step(one, cfg, params, ref, seqs, micro_batch=1, packed=True)
+    rows = buffers.pack(seqs, micro_batch=1, max_len=64, packed=True)
+    assert rows["valid"].sum() < len(seqs)
+    unpacked_tm = _run_step_token_mean(one, cfg, params, ref, seqs)
+    assert m_packed["loss"] == pytest.approx(unpacked_tm["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_nonfinite_loss_skips_the_update():
+    from models import llama
+
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(0))
+    opt = _optimizer()
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    p_sh = train_step.param_shardings(cfg, mesh)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    sh = train_step.state_shardings(p_sh, opt, abstract, mesh)
+    state = train_step.init_state(jax.device_put(params, p_sh), opt, sh)
+    before = jax.device_get(state["params"])
+    step = train_step.make_train_step(lambda p, mb, e: (jnp.sum(p["embed"]) * jnp.nan, {}), opt, sh)
+    batch = buffers.pack([buffers.completion([1, 2], [3])], micro_batch=1, max_len=64)
+    state, metrics = step(state, buffers.to_device(batch, mesh), None)
+    assert float(metrics["skipped_nonfinite"]) == 1.0
+    np.testing.assert_array_equal(jax.device_get(state["params"])["embed"], before["embed"])
+
+
+# ----- runs ---------------------------------------------------------------------------------------
+
+def test_grpo_run_learns_the_test_game_and_writes_its_run_dir(tiny_dir, tmp_path):
+    run = tmp_path / "grpo"
+    argv = _args(tiny_dir, run, **{"steps": 16, "grpo.group_size": 8, "grpo.groups_per_step": 4,
+                                   "optimizer.learning_rate": 0.03, "checkpoint.every": 8,
+                                   "eval.every": 8})
+    assert train_main.main(argv) == 0
+    train = _metrics(run)
+    assert [m["step"] for m in train] == list(range(1, 17))
+    first = np.mean([m["reward"] for m in train[:3]])
+    last = np.mean([m["reward"] for m in train[-3:]])
+    assert last > first + 0.3, (first, last)
+    evals = _metrics(run, "eval")
+    assert [m["step"] for m in evals] == [0, 8, 16]
+    assert evals[-1]["clemscore"] > evals[0]["clemscore"]
+    updated = [m for m in train if "loss" in m]   # a step whose groups all tie has no update
+    assert len(updated) >= 8
+    for key in ("loss", "kl", "clip_fraction", "tokens_per_second", "mfu", "played", "quality",
+                "rollout_seconds", "update_seconds", "learning_rate", "grad_norm"):
+        assert key in updated[-1], key
+    assert all(m["rows"] + m["dropped_long"] + m["dropped_zero_variance"] == m["learner_turns"]
+               for m in train)
+    # run directory contents
+    assert json.loads((run / "config.json").read_text())["grpo"]["group_size"] == 8
+    assert sorted(os.listdir(run / "checkpoints")) == ["16", "8"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((run / "eval" / "step_16" / "results.json").read_text())
+    assert res["games"]["colourname"]["episodes"] == 3
+    assert list((run / "eval" / "step_16").rglob("interactions.json"))
+    # the exported HF directory loads and holds the trained weights
+    exported = model_registry.load(str(run / "hf"))
+    start = model_registry.load(tiny_dir)
+    assert exported.tokenizer.encode("red blue") == start.tokenizer.encode("red blue")
+    assert np.abs(np.asarray(exported.params["embed"]) - np.asarray(start.params["embed"])).max() > 1e-3
+    # a second run in the same directory without resume is refused (nothing overwritten)
+    assert train_main.main(argv) == 1
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    common = {"grpo.group_size": 4, "grpo.groups_per_step": 2, "optimizer.learning_rate": 0.03,
+              "checkpoint.every": 2, "eval.at_start": False, "export.hf": True}
+    straight = tmp_path / "straight"
+    assert train_main.main(_args(tiny_dir, straight, steps=4, **common)) == 0
+    split = tmp_path / "split"
+    assert train_main.main(_args(tiny_dir, split, steps=2, **common)) == 0
+    assert train_main.main(_args(tiny_dir, split, steps=4, resume=True, **common)) == 0
+    a = load_file(str(straight / "hf" / "model.safetensors"))
+    b = load_file(str(split / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4]
+    assert [m["reward"] for m in _metrics(split)] == [m["reward"] for m in _metrics(straight)]
+
+
+def test_sft_overfits_strong_player_records(tiny_dir, tmp_path):
+    run = tmp_path / "sft"
+    argv = _args(tiny_dir, run, config="configs/sft.py", **{
+        "steps": 60, "sft.episodes_per_game": 4, "sft.batch_size": 4, "optimizer.learning_rate": 0.005,
+        "eval.at_start": False, "export.hf": False})
+    assert train_main.main(argv) == 0
+    train = _metrics(run)
+    assert train[0]["loss"] > 1.0
+    assert train[-1]["loss"] < 0.1, [round(m["loss"], 3) for m in train]
+
+
+def test_dpo_run_pairs_branches_and_learns(tiny_dir, tmp_path):
+    run = tmp_path / "dpo"
+    argv = _args(tiny_dir, run, config="configs/dpo.py", **{
+        "steps": 8, "dpo.prefix_episodes": 8, "dpo.branches": 3, "dpo.teacher_branches": 1,
+        "dpo.pairs_per_step": 4, "optimizer.learning_rate": 0.003, "eval.at_start": False,
+        "export.hf": False, "checkpoint.every": 3})
+    assert train_main.main(argv) == 0
+    rounds = json.loads((run / "dpo_pairs" / "round_0.json").read_text())
+    assert rounds["metrics"]["pairs"] == len(rounds["pairs"]) > 0
+    for chosen, rejected in rounds["pairs"]:
+        assert sum(chosen["loss_mask"]) > 0 and sum(rejected["loss_mask"]) > 0
+        assert chosen["ref_logprob"] < 0 and rejected["ref_logprob"] < 0
+    train = _metrics(run)
+    assert train[0]["loss"] == pytest.approx(np.log(2), abs=1e-3)   # policy == reference at step 1
+    assert train[-1]["reward_margin"] > 0.1 and train[-1]["accuracy"] == 1.0
+    assert train[-1]["loss"] < train[0]["loss"] - 0.05
+    # a resumed run trains on the saved round of pairs instead of collecting a new one
+    assert train_main.main(argv[:1] + [a for a in argv[1:] if "steps" not in a]
+                           + ["--config.steps=9", "--config.resume=true"]) == 0
+    assert [m["step"] for m in _metrics(run)] == list(range(1, 10))
+
+
+def test_checkpoint_written_by_a_run_restores(tiny_dir, tmp_path):
+    run = tmp_path / "ck"
+    assert train_main.main(_args(tiny_dir, run, steps=1, **{"grpo.group_size": 2, "grpo.groups_per_step": 1,
+                                                            "eval.at_start": False})) == 0
+    ck = checkpoint.Checkpointer(str(run / "checkpoints"))
+    assert ck.latest_step() == 1
+    ck.close()
+
+
+@pytest.mark.parametrize("partner", ["reference", "self"])
+def test_model_partners_play_the_other_role(tiny_dir, tmp_path, partner):
+    run = tmp_path / partner
+    argv = _args(tiny_dir, run, **{"steps": 1, "games.names": "taboo", "eval.games": "taboo",
+                                   "games.partner": partner, "games.learner_roles": "2",
+                                   "grpo.group_size": 2, "grpo.groups_per_step": 1, "eval.limit": 1,
+                                   "eval.at_start": False, "export.hf": False})
+    assert train_main.main(argv) == 0
+    inter = json.loads(next((run / "eval" / "step_1").rglob("interactions.json")).read_text())
+    names = [p["model_name"] for k, p in sorted(inter["players"].items()) if k.startswith("Player")]
+    if partner == "reference":
+        assert names == ["reference", "model"]
+    else:
+        assert names == ["model", "model"]
+    assert _metrics(run)[0]["episodes"] == 2
+
+
+def test_sft_from_clembench_records_and_eval_config(tiny_dir, tmp_path):
+    from games import eval as game_eval
+
+    records_dir = tmp_path / "records"
+    assert game_eval.main(["--players=strong", "--games=colourname", "--split=train", "--limit=6",
+                           "--quiet", f"--out={records_dir}"]) == 0
+    run = tmp_path / "sft"
+    argv = _args(tiny_dir, run, config="configs/sft.py", **{
+        "steps": 3, "sft.source": str(records_dir), "sft.batch_size": 2, "eval.at_start": False,
+        "export.hf": False})
+    assert train_main.main(argv) == 0
+    assert _metrics(run)[0]["rows_total"] == 6
+    bad = _args(tiny_dir, tmp_path / "sft2", config="configs/sft.py",
+                **{"sft.source": str(tmp_path / "missing")})
+    assert train_main.main(bad) == 1
+    ev = tmp_path / "ev"
+    assert train_main.main(_args(tiny_dir, ev, config="configs/eval.py")) == 0
+    res = json.loads((ev / "eval" / "step_0" / "results.json").read_text())
+    assert res["games"]["colourname"]["episodes"] == 3 and not (ev / "checkpoints" / "0").exists()

@@ -1,0 +1,52 @@
+"""Training entry point: `python -m train.main --config=configs/grpo.py [--config.key=value ...]`.
+
+Reads and checks the config, builds the mesh, loads the model with its params sharded, creates or
+resumes the train state, and runs the method's loop (SFT, DPO, GRPO, or evaluation only). The run
+directory receives:
+
+    config.json          the full config of the run
+    checkpoints/<step>/  orbax checkpoints (params, optimizer state, step; config and data cursor)
+    metrics.jsonl        one line per logged step and per eval (train/..., eval/...)
+    tensorboard/         TensorBoard event files of the same metrics
+    eval/step_<n>/       clembench-format records of every eval episode, results.json, clemscore.png
+    curves.png           learning curves, written at the end
+    hf/                  the final policy as an HF safetensors directory (config.export.hf)
+
+With `--config.resume=true` the run continues from the newest complete checkpoint in run_dir.
+Every rollout and data order is a function of (seed, step), so a resumed run takes the same path as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from games.core import GameError
+from models.errors import ModelError
+from playpen_jax.config import ConfigError, parse, validate
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = validate(parse(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from playpen_jax.checkpoint import CheckpointError
+    from train import loop
+
+    try:
+        loop.run(config)
+    except (ConfigError, ModelError, GameError, CheckpointError, loop.RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
