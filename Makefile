@@ -39,6 +39,7 @@ lint: setup
 bench: setup $(VENV)/.bench
 	$(BIN)/python -m benchmarks.forward
 	$(BIN)/python -m benchmarks.sampler
+	$(BIN)/python -m benchmarks.train_step
 
 $(VENV)/.bench: constraints.txt
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c constraints.txt \

@@ -17,6 +17,7 @@ def get_base_config(method: str) -> ConfigDict:
     c = ConfigDict()
     c.method = method               # "sft" | "dpo" | "grpo" | "eval"
     c.seed = 0
+    c.deterministic = True          # deterministic GPU kernels (exact resume); False may be faster
     c.run_dir = f"runs/{method}"    # checkpoints, metrics, records, plots, the exported model
     c.resume = False                # continue from the newest complete checkpoint in run_dir
     c.steps = 4                     # optimizer steps (8B: a few hundred)

@@ -36,16 +36,18 @@ class RunError(RuntimeError):
 
 def measured_peak_flops(dtype=jnp.float32) -> float:
     """Matmul FLOP/s measured on the first device: the roof that MFU is reported against."""
-    n = 2048 if jax.default_backend() != "cpu" else 1024
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    # Large enough that an accelerator's dispatch overhead does not count (8192^3 on a GPU/TPU).
+    n, reps = (8192, 10) if jax.default_backend() != "cpu" else (1024, 1)
+    a = (jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32) / n ** 0.5).astype(dtype)
+    # a chain of dependent products (a loop, so that none is folded into another)
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda i, y: y @ x, x))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return reps * 2 * n ** 3 / best
 
 
 def train_flops_per_token(cfg, seq: int) -> float:
@@ -117,6 +119,7 @@ class Run:
         self.writer = MetricWriter(c.run_dir, tensorboard=bool(c.log.tensorboard), enabled=self.is_main,
                                    resume_step=self.start if c.resume else None)
         self.peak = None
+        self.stop_requested = False
         self._steps: dict = {}
         self._compiled: dict = {}
         self.rows_multiple = buffers.rows_multiple(self.mesh)
@@ -255,13 +258,31 @@ def _reseed(policy: ModelPolicy, seed: int, step: int) -> None:
     policy._calls = 0
 
 
+class Preempted(Exception):
+    """SIGTERM arrived (e.g. TPU maintenance or a preemptible VM's notice); a checkpoint was saved."""
+
+
 def run(c: ConfigDict) -> None:
+    """Runs the config; raises Preempted after saving a checkpoint if SIGTERM arrives mid-run."""
+    import signal
+
     if c.method == "eval":
         c.checkpoint.every = 0
     r = Run(c)
+    previous = None
     try:
+        if c.method != "eval":
+            def on_term(signum, frame):
+                r.stop_requested = True
+
+            try:
+                previous = signal.signal(signal.SIGTERM, on_term)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                previous = None
         _run(r)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         r.close()
 
 
@@ -308,6 +329,14 @@ def _run(r: Run) -> None:
             saved_at = done
         if c.eval.every and done % int(c.eval.every) == 0 and done < c.steps:
             _print_eval(r.evaluate(done), done)
+        if r.stop_requested and done < c.steps:
+            # Finish the step in progress, save, and stop: a resumed run continues exactly from here.
+            if saved_at != done:
+                r.save(done)
+            r.writer.flush()
+            if bar is not None:
+                bar.close()
+            raise Preempted(f"SIGTERM: saved step {done} in {c.run_dir}; continue with --config.resume=true")
     if bar is not None:
         bar.close()
     if saved_at != int(c.steps):

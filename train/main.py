@@ -19,6 +19,7 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -34,6 +35,11 @@ def main(argv: Optional[list] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if config.deterministic and "xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
+        # GPU reductions (e.g. scatter-adds in the backward pass) otherwise vary from run to run,
+        # and a resumed run would drift from an uninterrupted one. CPU and TPU are deterministic.
+        flags = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
+        os.environ["XLA_FLAGS"] = flags.strip()
     from playpen_jax.checkpoint import CheckpointError
     from train import loop
 
@@ -42,6 +48,9 @@ def main(argv: Optional[list] = None) -> int:
     except (ConfigError, ModelError, GameError, CheckpointError, loop.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except loop.Preempted as e:
+        print(str(e), file=sys.stderr)
+        return 143  # the conventional status of a process ended by SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -352,3 +352,37 @@ def test_sft_from_clembench_records_and_eval_config(tiny_dir, tmp_path):
     assert train_main.main(_args(tiny_dir, ev, config="configs/eval.py")) == 0
     res = json.loads((ev / "eval" / "step_0" / "results.json").read_text())
     assert res["games"]["colourname"]["episodes"] == 3 and not (ev / "checkpoints" / "0").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "term"
+    argv = _args(tiny_dir, run, **{"steps": 400, "grpo.group_size": 2, "grpo.groups_per_step": 1,
+                                   "checkpoint.every": 0, "eval.at_start": False, "export.hf": False})
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "train.main"] + argv, env=env, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM: saved step" in err
+    saved = checkpoint.Checkpointer(str(run / "checkpoints"))
+    step = saved.latest_step()
+    saved.close()
+    assert 2 <= step < 400
+    assert max(m["step"] for m in _metrics(run)) == step
+    resumed = _args(tiny_dir, run, **{"steps": step + 1, "grpo.group_size": 2, "grpo.groups_per_step": 1,
+                                      "checkpoint.every": 0, "eval.at_start": False, "export.hf": False,
+                                      "resume": True})
+    assert train_main.main(resumed) == 0
+    assert [m["step"] for m in _metrics(run)] == list(range(1, step + 2))
