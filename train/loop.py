@@ -10,6 +10,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
 from games import eval as game_eval
@@ -237,7 +238,7 @@ class Run:
             self.state, out = compiled(self.state, device_batch, extra)
         out = {k: float(v) for k, v in jax.device_get(out).items()}
         seconds = time.perf_counter() - t
-        real = sum(int(v.sum()) for k, v in batch.items() if k.endswith("segment_ids")) * repeats
+        real = sum(int(np.count_nonzero(v)) for k, v in batch.items() if k.endswith("segment_ids")) * repeats
         rows = sum(int(v.sum()) for k, v in batch.items() if k.endswith("valid"))
         seq = next(v for k, v in batch.items() if k.endswith("tokens")).shape[-1]
         if self.peak is None:

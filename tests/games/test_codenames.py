@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -320,9 +319,7 @@ def test_strong_players_follow_the_prompts_of_a_clembench_style_file(tmp_path):
 
 def test_generator_sizes_layout_and_determinism():
     for split, per_exp in cn.SPLIT_SIZES.items():
-        start = time.perf_counter()
         data = cn.generate(split, 3)
-        assert time.perf_counter() - start < 1.0
         assert [e["name"] for e in data["experiments"]] == [name for name, _, _ in cn.EXPERIMENTS]
         for exp in data["experiments"]:
             assert len(exp["game_instances"]) == per_exp == exp["number of instances"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -272,11 +271,9 @@ def grid(text):
     return tuple(r.replace("\u25a2", ".") for r in canon(text).split("/"))
 
 
-def test_generator_deterministic_sizes_and_fast():
+def test_generator_deterministic_and_sizes():
     spec = registry.get(GAME)
-    t0 = time.perf_counter()
     train = spec.generate("train", 0)
-    assert time.perf_counter() - t0 < 1.0
     assert train == spec.generate("train", 0)
     assert train != spec.generate("train", 1)
     names = ["same_grid", "similar_grid_1", "similar_grid_2", "different_grid"]
