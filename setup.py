@@ -36,7 +36,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "hypothesis>=6.100",
                  # Reads TensorBoard event files back in tests.
-                 "tensorboard>=2.16"],
+                 "tensorboard>=2.16",
+                 # Executes notebooks/ in a Jupyter kernel in tests.
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # Reference implementations for parity tests (CPU torch; accelerate for GGUF loading).
         "parity": ["torch>=2.4", "transformers>=4.50", "accelerate>=1.0"],
         "tpu": ["jax[tpu]"],

@@ -268,10 +268,10 @@ class TimedPolicy(ModelPolicy):
         super().__init__(*args, **kwargs)
         self.clock, self.seconds, self.compile_seconds = clock, 0.0, 0.0
 
-    def __call__(self, requests):
+    def __call__(self, requests, seeds=None):
         t, compiled = time.perf_counter(), self.clock.seconds
         try:
-            return super().__call__(requests)
+            return super().__call__(requests, seeds=seeds)
         finally:
             self.seconds += time.perf_counter() - t
             self.compile_seconds += self.clock.seconds - compiled

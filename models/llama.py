@@ -10,7 +10,10 @@ params = {
   "lm_head":    [D, V]   (absent when the embedding is tied)
 }
 `param_axes(config)` gives the same tree with a tuple of logical axis names per leaf; the mesh rules in
-`playpen_jax.sharding` turn those into PartitionSpecs. Nothing here decides a sharding.
+`playpen_jax.sharding` turn those into PartitionSpecs. Nothing here decides a sharding: the hidden
+states [B, T, D] between blocks are named ("batch", "seq", None) and passed through the function that
+`activation_layout` installs while a computation is traced (`playpen_jax.sharding.constrain_activations`
+gives a sharding constraint), and left alone without one.
 
 Attention masking is by segment ids and positions: token i attends to key j iff both carry the same
 non-zero segment id and pos[j] <= pos[i]. Segment 0 marks padding, so left or right padding and packed
@@ -19,8 +22,10 @@ sequences all work, with or without a KV cache.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +197,30 @@ def _attention(q, k, v, mask):
     return out.reshape(b, t, h, dh)
 
 
+HIDDEN_AXES = ("batch", "seq", None)   # logical axes of the hidden states between blocks
+LOOKUP_AXES = ("vocab", None)          # the embedding table as the token lookup reads it (whole rows)
+_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("activation_layout", default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(fn: Optional[Callable]) -> Iterator[None]:
+    """While active, forwards traced here pass their hidden states through fn(x, axes) (axes:
+    `HIDDEN_AXES`), e.g. a sharding constraint that keeps the batch split over the data axes even
+    where the weights are split over the same devices (FSDP). The token lookup reads the embedding
+    table laid out by fn(table, `LOOKUP_AXES`): whole rows, gathered like every FSDP weight before
+    its use. None: no constraint."""
+    token = _LAYOUT.set(fn)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def _laid_out(x, axes=HIDDEN_AXES):
+    fn = _LAYOUT.get()
+    return x if fn is None else fn(x, axes)
+
+
 def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
     """One decoder block. x: [B, T, D]. cache: None; (k, v, layer) with k, v the whole stacked
     [L, B, K, S, Dh] cache, updated in place at this layer's slots index..index+T-1; or
@@ -222,7 +251,7 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
     gate = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
     up = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
     x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"].astype(dt))
-    return x, cache
+    return _laid_out(x), cache
 
 
 def lm_head(params: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
@@ -277,7 +306,7 @@ def forward(
     angles = positions[:, :, None].astype(jnp.float32) * jnp.asarray(rope_frequencies(config))
     cos, sin = jnp.cos(angles), jnp.sin(angles)
 
-    x = params["embed"].astype(config.jnp_dtype)[tokens]
+    x = _laid_out(_laid_out(params["embed"], LOOKUP_AXES).astype(config.jnp_dtype)[tokens])
 
     if isinstance(params["layers"], (list, tuple)):
         # Unstacked layers (see `unstack_layers`): a Python loop, no slicing of stacked arrays.

@@ -169,7 +169,13 @@ class Sampler:
     # --- compiled pieces -------------------------------------------------------------------
     def _compile(self, key, fn, *args):
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(fn).lower(*args).compile()
+            layout = None
+            if self.mesh is not None:   # rows stay split over the data axes (see llama.activation_layout)
+                from playpen_jax import sharding
+
+                layout = sharding.constrain_activations(self.mesh)
+            with llama.activation_layout(layout):
+                self._compiled[key] = jax.jit(fn).lower(*args).compile()
         return self._compiled[key]
 
     def _prefill_fn(self, cache_len: int):

@@ -14,6 +14,10 @@ all-zero loss mask and count nowhere; a micro-batch of padding rows only is skip
 Each micro-batch carries its `weight`: its share of the normaliser of the whole batch's loss (its
 share of the counted tokens for a token mean, of the sequences for a mean over sequences). The step
 sums weight x micro-batch loss, which equals the loss of the batch taken at once.
+
+With several processes, each process packs only the sequences it produced (`pack_shard`): the
+processes agree on T and M, each fills its own block of every micro-batch's rows, the weights are
+computed from every process's counts, and `to_device` assembles the global batch from the blocks.
 """
 
 from __future__ import annotations
@@ -119,15 +123,30 @@ def pack(seqs: Sequence[TokenSequence], *, micro_batch: int, rows_multiple: int 
     """
     if not seqs:
         raise ValueError("pack: no sequences")
-    too_long = [len(s.tokens) for s in seqs if len(s.tokens) > max_len]
-    if too_long:
-        raise ValueError(f"pack: a sequence of {max(too_long)} tokens exceeds max_len={max_len}")
+    _check_lengths(seqs, max_len)
     t = length or length_bucket(max(len(s.tokens) for s in seqs), max_len)
     placed = _place(seqs, t, packed)
-    n = -(-micro_batch // rows_multiple) * rows_multiple
+    n = _rows_per_micro_batch(micro_batch, rows_multiple)
     m = micro_batches or _pow2(-(-len(placed) // n))
     if m * n < len(placed):
         raise ValueError(f"pack: {len(placed)} rows do not fit {m} micro-batches of {n}")
+    out = _fill(seqs, placed, m, n, t, pad_id)
+    out["weight"] = _weights(_micro_batch_counts(out, weight_by, packed))
+    return out
+
+
+def _check_lengths(seqs: Sequence[TokenSequence], max_len: int) -> None:
+    too_long = [len(s.tokens) for s in seqs if len(s.tokens) > max_len]
+    if too_long:
+        raise ValueError(f"pack: a sequence of {max(too_long)} tokens exceeds max_len={max_len}")
+
+
+def _rows_per_micro_batch(micro_batch: int, rows_multiple: int) -> int:
+    return -(-micro_batch // rows_multiple) * rows_multiple
+
+
+def _fill(seqs: Sequence[TokenSequence], placed: list, m: int, n: int, t: int, pad_id: int) -> dict:
+    """The [M, n, T] / [M, n] arrays of `placed` rows (lists of indices into seqs), padded to m x n."""
     rows = m * n
     out = {
         "tokens": np.full((rows, t), pad_id, np.int32),
@@ -163,17 +182,56 @@ def pack(seqs: Sequence[TokenSequence], *, micro_batch: int, rows_multiple: int 
         out["groups"][row] = first.group
         out["ref_logprob"][row] = first.ref_logprob
         out["valid"][row] = 1.0
-    out = {k: v.reshape((m, n) + v.shape[1:]) for k, v in out.items()}
+    return {k: v.reshape((m, n) + v.shape[1:]) for k, v in out.items()}
+
+
+def _micro_batch_counts(out: dict, weight_by: str, packed: bool) -> np.ndarray:
+    """[M]: what each micro-batch adds to the loss's normaliser (counted tokens, or sequences)."""
     if weight_by == "tokens":
-        per = out["loss_mask"].sum(axis=(1, 2))
-    elif weight_by == "sequences":
+        return out["loss_mask"].sum(axis=(1, 2))
+    if weight_by == "sequences":
         if packed:
             raise ValueError("pack: weight_by='sequences' needs one sequence per row (packed=False)")
-        per = (out["loss_mask"].sum(axis=2) > 0).sum(axis=1).astype(np.float32)
-    else:
-        raise ValueError(f"weight_by={weight_by!r}: expected 'tokens' or 'sequences'")
+        return (out["loss_mask"].sum(axis=2) > 0).sum(axis=1).astype(np.float32)
+    raise ValueError(f"weight_by={weight_by!r}: expected 'tokens' or 'sequences'")
+
+
+def _weights(per: np.ndarray) -> np.ndarray:
     total = per.sum()
-    out["weight"] = (per / total if total > 0 else per).astype(np.float32)
+    return (per / total if total > 0 else per).astype(np.float32)
+
+
+def pack_shard(seqs: Sequence[TokenSequence], *, shard: int, shards: int, micro_batch: int,
+               rows_multiple: int = 1, max_len: int, pad_id: int = 0, weight_by: str = "tokens",
+               packed: bool = False) -> Optional[dict]:
+    """This process's block of rows of a batch that all processes pack together from their own
+    sequences; None when no process has a sequence. Every process must call it at the same point.
+
+    The processes agree on T (the bucket of the longest sequence of any process) and on M (the most
+    micro-batches any process needs), so every process's arrays are [M, n / shards, T], where n is
+    the global micro-batch of `pack` (micro_batch rounded up to rows_multiple). Block k of every
+    micro-batch's rows is fed by the processes of shard k (`row_shard`); processes of one shard must
+    pass the same sequences. `weight` is each global micro-batch's share of the global normaliser.
+    With one process and one shard this is `pack` (None for no sequences).
+    """
+    from playpen_jax import distributed
+
+    if jax.process_count() == 1 and shards == 1:
+        return pack(seqs, micro_batch=micro_batch, rows_multiple=rows_multiple, max_len=max_len,
+                    pad_id=pad_id, weight_by=weight_by, packed=packed) if seqs else None
+    if shards < 1 or rows_multiple % shards or not 0 <= shard < shards:
+        raise ValueError(f"pack_shard: shard {shard} of {shards} does not divide {rows_multiple} rows")
+    _check_lengths(seqs, max_len)
+    longest = int(distributed.allgather(max((len(s.tokens) for s in seqs), default=0)).max())
+    if longest == 0:
+        return None
+    t = length_bucket(longest, max_len)
+    placed = _place(seqs, t, packed)
+    n = _rows_per_micro_batch(micro_batch, rows_multiple) // shards
+    m = int(distributed.allgather(_pow2(-(-len(placed) // n))).max())
+    out = _fill(seqs, placed, m, n, t, pad_id)
+    per = _micro_batch_counts(out, weight_by, packed)
+    out["weight"] = _weights(distributed.shard_sum(per, shard).astype(np.float32))
     return out
 
 
@@ -189,8 +247,39 @@ def rows_multiple(mesh: Mesh, rules=shd.DEFAULT_RULES) -> int:
     return int(np.prod([mesh.shape[a] for a in dict(rules)["batch"]]))
 
 
-def to_device(batch: dict, mesh: Mesh) -> dict:
-    """Places a packed batch with the data sharding (every process passes the same full batch)."""
+def row_shard(mesh: Mesh, rules=shd.DEFAULT_RULES) -> tuple[int, int]:
+    """(shard, shards): this process's devices hold block `shard` of `shards` equal, contiguous blocks
+    of every batch's rows (rows are split over the mesh's batch axes). Processes whose devices hold
+    the same rows form one shard; with one process, or rows on every process, this is (0, 1)."""
+    n = rows_multiple(mesh, rules)
+    spans: dict = {}
+    for device, index in batch_sharding(mesh, 2, rules).devices_indices_map((1, n)).items():
+        r = index[1]
+        spans.setdefault(device.process_index, set()).add((r.start or 0, n if r.stop is None else r.stop))
+    blocks = {}
+    for p, parts in spans.items():
+        parts = sorted(parts)
+        if any(a[1] != b[0] for a, b in zip(parts, parts[1:])):
+            raise ValueError(f"mesh {dict(mesh.shape)}: the batch rows of process {p} are not one "
+                             f"contiguous block ({parts}); choose a mesh whose data axes split by process")
+        blocks[p] = (parts[0][0], parts[-1][1])
+    distinct = sorted(set(blocks.values()))
+    size = distinct[0][1] - distinct[0][0]
+    if [b[0] for b in distinct] != list(range(0, n, size)) or any(b[1] - b[0] != size for b in distinct):
+        raise ValueError(f"mesh {dict(mesh.shape)}: the processes' batch rows {distinct} are not equal "
+                         f"blocks of {n} rows")
+    return distinct.index(blocks[jax.process_index()]), len(distinct)
+
+
+def to_device(batch: dict, mesh: Mesh, *, shards: int = 1) -> dict:
+    """Places a packed batch with the data sharding.
+
+    shards=1: every process passes the same full batch. shards > 1: each process passes its block of
+    rows (`pack_shard`), and the global batch has `shards` times as many rows. Arrays of fewer than
+    two dimensions (the micro-batch weights) must be the same on every process.
+    """
+    if jax.process_count() == 1 and shards != 1:
+        raise ValueError(f"to_device: shards={shards} with one process")
     out = {}
     for k, v in batch.items():
         if v.ndim < 2:
@@ -200,5 +289,6 @@ def to_device(batch: dict, mesh: Mesh) -> dict:
         if jax.process_count() == 1:
             out[k] = jax.device_put(v, sh)
         else:
-            out[k] = jax.make_array_from_process_local_data(sh, v, v.shape)
+            shape = (v.shape[0], v.shape[1] * shards) + v.shape[2:]
+            out[k] = jax.make_array_from_process_local_data(sh, v, shape)
     return out

@@ -11,6 +11,12 @@ pending learner requests of all live episodes go to the learner policy in one ca
 partner's, when the partner is a model, to the partner). It returns each finished episode with the
 learner's turns as the sampler produced them (`Trace`: prompt ids, sampled ids, their log-probs),
 so training uses the exact tokens that were sampled, never a re-encoding of the text.
+
+A model's reply is sampled from a key of its own: the policy's key folded with a seed made of the
+episode's number and the turn's number within that episode (`turn_seed`). So an episode plays the
+same way whichever other episodes share its sampler calls, however the batch is split into calls,
+and whichever process of a multi-process run plays it (`episode_offset` numbers a process's
+episodes as one process playing them all would).
 """
 
 from __future__ import annotations
@@ -54,7 +60,12 @@ class ModelPolicy:
     def encode(self, messages: Sequence[dict]) -> list:
         return self.model.tokenizer.encode_chat(list(messages), add_generation_prompt=True).ids
 
-    def __call__(self, requests: Sequence[Any]) -> list:
+    def __call__(self, requests: Sequence[Any], seeds: Optional[Sequence[int]] = None) -> list:
+        """Reply texts for requests (env requests or chats). seeds: one per request; each reply is
+        then sampled from `fold_in(key, seed)` whatever the batching. Without seeds, each sampler
+        call takes the next key of the policy's sequence."""
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"ModelPolicy: {len(seeds)} seeds for {len(requests)} requests")
         chats = [list(r.messages) if hasattr(r, "messages") else list(r) for r in requests]
         prompts = [self.encode(c) for c in chats]
         texts = [""] * len(chats)
@@ -63,12 +74,15 @@ class ModelPolicy:
         fits = [i for i, p in enumerate(prompts) if len(p) + self.max_new_tokens <= self.limit]
         for start in range(0, len(fits), self.batch_size):
             idx = fits[start:start + self.batch_size]
-            key = jax.random.fold_in(self._key, self._calls)
-            self._calls += 1
+            if seeds is None:
+                key, row_seeds = jax.random.fold_in(self._key, self._calls), None
+                self._calls += 1
+            else:
+                key, row_seeds = self._key, [int(seeds[i]) for i in idx]
             out = self.sampler.generate(
                 self.params, [prompts[i] for i in idx], max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, rng=key,
-                stop_ids=gen.stop_ids(self.model), tokenizer=self.model.tokenizer)
+                seeds=row_seeds, stop_ids=gen.stop_ids(self.model), tokenizer=self.model.tokenizer)
             for j, i in enumerate(idx):
                 n = int(out.lengths[j])
                 tokens[i] = [int(t) for t in out.tokens[j][:n]]
@@ -89,16 +103,43 @@ class Trace:
     logprobs: list
 
 
+def turn_seed(episode: int, turn: int) -> int:
+    """A 32-bit sampling seed for a player's `turn`-th reply in `episode` (splitmix64 of both)."""
+    if episode < 0 or not 0 <= turn < 1 << 24:
+        raise ValueError(f"turn_seed: episode {episode}, turn {turn} out of range")
+    x = ((episode << 24) | turn) & 0xFFFFFFFFFFFFFFFF
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0xFFFFFFFF
+
+
+def _answer(policy: Callable, reqs: list, counts: dict, offset: int, first_turn: int = 0) -> list:
+    """policy's replies to reqs; a ModelPolicy gets each reply's seed (episode, its turn number,
+    counted from first_turn: the partner's from 2**23, apart from the learner's even when the
+    partner is the learner's own policy)."""
+    if not isinstance(policy, ModelPolicy):
+        return policy(reqs)
+    seeds = []
+    for r in reqs:
+        k = counts.get(r.episode_id, 0)
+        counts[r.episode_id] = k + 1
+        seeds.append(turn_seed(offset + r.episode_id, first_turn + k))
+    return policy(reqs, seeds=seeds)
+
+
 def play(env, learner: Callable, partner: Optional[Callable] = None,
-         on_step: Optional[Callable[[int], None]] = None) -> list:
+         on_step: Optional[Callable[[int], None]] = None, episode_offset: int = 0) -> list:
     """Plays `env` to the end; returns [(FinishedEpisode, [Trace or None per learner turn])].
 
     learner / partner: callables over a list of env requests returning reply texts; a
     `ModelPolicy` learner also yields traces (None for a turn whose prompt did not fit).
     partner is needed only when the env hands out partner requests (its `partner` is None).
     on_step(number of requests answered) is called after every env step.
+    episode_offset: added to env's episode ids in the sampling seeds (see the module docstring).
     """
     traces: dict = {}
+    turns: dict = {"learner": {}, "partner": {}}   # replies sampled so far, per episode
     finished = list(env.step({}))
     while not env.done:
         reqs = env.pending()
@@ -108,7 +149,7 @@ def play(env, learner: Callable, partner: Optional[Callable] = None,
         theirs = [r for r in reqs if not r.learner]
         replies = {}
         if mine:
-            texts = learner(mine)
+            texts = _answer(learner, mine, turns["learner"], episode_offset)
             out = getattr(learner, "last", None)
             for i, r in enumerate(mine):
                 replies[r.id] = texts[i]
@@ -119,7 +160,7 @@ def play(env, learner: Callable, partner: Optional[Callable] = None,
         if theirs:
             if partner is None:
                 raise RuntimeError("the environment hands out partner requests but no partner was given")
-            for r, text in zip(theirs, partner(theirs)):
+            for r, text in zip(theirs, _answer(partner, theirs, turns["partner"], episode_offset, 1 << 23)):
                 replies[r.id] = text
         finished.extend(env.step(replies))
         if on_step is not None:

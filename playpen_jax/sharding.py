@@ -79,3 +79,17 @@ def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules: Sequence = DEFAULT
     return jax.tree_util.tree_map(
         lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
         axes_tree, shapes_tree, is_leaf=is_leaf)
+
+
+def constrain_activations(mesh: Mesh, rules: Sequence = DEFAULT_RULES):
+    """fn(x, logical axes) -> x constrained to the sharding the rules give those axes on `mesh`: the
+    function `models.llama.activation_layout` takes. Without it, XLA may lay out activations after
+    the weights (an FSDP mesh splits both the batch and the embedding over "fsdp") and compute every
+    row on every device."""
+
+    def constrain(x, axes):
+        spec = logical_to_spec(axes, x.shape, mesh, rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return constrain
+

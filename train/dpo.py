@@ -26,7 +26,7 @@ import numpy as np
 
 from games import registry
 from games.env import BatchedGameEnv
-from playpen_jax import buffers
+from playpen_jax import buffers, distributed
 from playpen_jax.rollout import play
 from train import losses
 
@@ -141,8 +141,10 @@ def add_reference_logprobs(r, pairs: list) -> None:
     if not pairs:
         return
     seqs = [s for p in pairs for s in p]
+    # replicated output: every process reads all sums (the rows are sharded over processes)
     fn = jax.jit(lambda p, t, pos, seg, m: losses.sequence_sums(
-        *losses.sequence_logprobs(p, t, pos, seg, m, config=r.mcfg)))
+        *losses.sequence_logprobs(p, t, pos, seg, m, config=r.mcfg)),
+        out_shardings=jax.sharding.NamedSharding(r.mesh, jax.sharding.PartitionSpec()))
     chunk = max(int(r.c.batch.micro_batch), 1)
     for start in range(0, len(seqs), chunk):
         part = seqs[start:start + chunk]
@@ -206,7 +208,10 @@ def make_step(r):
         if current["round"] == k:
             return
         path = os.path.join(folder, f"round_{k}.json")
-        if os.path.exists(path):
+        saved = os.path.exists(path)
+        if jax.process_count() > 1:   # process 0's view, so that all collect (a collective) or none
+            saved = bool(distributed.allgather(np.int32(saved))[0])
+        if saved:
             pairs, metrics = _load_round(path)
         else:
             pairs, metrics = collect_pairs(r, k)
@@ -214,8 +219,9 @@ def make_step(r):
             if r.is_main:
                 os.makedirs(folder, exist_ok=True)
                 _save_round(path, pairs, metrics)
-            print(f"dpo: round {k}: {metrics.get('pairs', 0)} pairs from {metrics.get('branch_points', 0)} "
-                  f"branch points ({metrics.get('tied_branch_points', 0)} tied)", file=sys.stderr)
+                print(f"dpo: round {k}: {metrics.get('pairs', 0)} pairs from "
+                      f"{metrics.get('branch_points', 0)} branch points "
+                      f"({metrics.get('tied_branch_points', 0)} tied)", file=sys.stderr)
         current.update(round=k, pairs=pairs, metrics=metrics)
 
     def dpo_step(i: int) -> dict:

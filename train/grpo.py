@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 from games.core import METRIC_ABORTED, METRIC_SUCCESS
 from games.env import BatchedGameEnv
 from models.config import LlamaConfig
-from playpen_jax import buffers
+from playpen_jax import buffers, distributed
 from playpen_jax.rollout import play
 from train import losses
 
@@ -80,10 +80,13 @@ def episode_metrics(finished) -> dict:
 
 
 def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_roles,
-            reward_config, *, env_partner: Optional[str]) -> Rollouts:
+            reward_config, *, env_partner: Optional[str], shard: int = 0, shards: int = 1) -> Rollouts:
     """Plays one iteration's groups and returns the rows to train on.
 
     pool: the training instances of each game; a group's game is drawn uniformly, then its instance.
+    shard / shards: play only block `shard` of `shards` contiguous blocks of the iteration's groups
+      (each process of a multi-process run plays its own block); group ids and the programmatic
+      partners' seeds are those the groups have when one process plays them all.
     """
     g = c.grpo
     rng = np.random.default_rng([int(c.seed), int(step), 1])
@@ -91,14 +94,17 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
     for _ in range(int(g.groups_per_step)):
         game = pool[int(rng.integers(len(pool)))]
         picks.append(game[int(rng.integers(len(game)))])
-    source = [(ep, gid) for gid, ep in enumerate(picks) for _ in range(g.group_size)]
-    env = BatchedGameEnv(iter(source), batch_size=len(source), learner_roles=learner_roles,
-                         partner=env_partner, reward=reward_config, seed=int(c.seed) * 1_000_003 + step)
-    finished = play(env, learner, partner)
+    lo, hi = distributed.share(len(picks), shard, shards)
+    source = [(picks[gid], gid) for gid in range(lo, hi) for _ in range(g.group_size)]
+    env = BatchedGameEnv(iter(source), batch_size=max(1, len(source)), learner_roles=learner_roles,
+                         partner=env_partner, reward=reward_config,
+                         seed=int(c.seed) * 1_000_003 + step + lo * int(g.group_size))
+    finished = play(env, learner, partner, episode_offset=lo * int(g.group_size)) if source else []
     finished.sort(key=lambda x: x[0].episode_id)
     rewards = np.asarray([f.reward for f, _ in finished], np.float32)
     groups = np.asarray([f.tag for f, _ in finished], np.int32)
-    adv = np.asarray(losses.group_advantages(rewards, groups, scale=g.advantage_scale))
+    adv = (np.asarray(losses.group_advantages(rewards, groups, scale=g.advantage_scale)) if finished
+           else np.zeros((0,), np.float32))
     flat = {gid for gid in set(groups.tolist()) if np.ptp(rewards[groups == gid]) == 0}
     seqs, no_fit, flat_turns = [], 0, 0
     for (f, traces), a in zip(finished, adv):

@@ -18,7 +18,7 @@ from games import records, registry
 from games.env import BatchedGameEnv, RewardConfig
 from models import registry as model_registry
 from models.sampler import Sampler
-from playpen_jax import buffers
+from playpen_jax import buffers, distributed
 from playpen_jax import sharding as shd
 from playpen_jax.checkpoint import Checkpointer
 from playpen_jax.config import to_json
@@ -73,13 +73,40 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list:
     return out
 
 
+class RolloutPolicy(ModelPolicy):
+    """A ModelPolicy whose `params` may be set to the trained (globally sharded) arrays: `convert`
+    turns them into the arrays the sampler uses (with several processes, this process's own copy)."""
+
+    def __init__(self, model, *, convert, **kwargs):
+        self._convert = convert
+        super().__init__(model, **kwargs)
+
+    @property
+    def params(self):
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        self._params = self._convert(value)
+
+
 class Run:
-    """Everything a run holds: mesh, model, state, policies, writers."""
+    """Everything a run holds: mesh, model, state, policies, writers.
+
+    With several processes (`playpen_jax.distributed`) every process runs this same program. The
+    train state and batches are sharded over the global mesh; each process samples its rollouts on
+    its own devices (`rollout_mesh`) from its own copy of the params (`rollout_params`), and feeds
+    block `shard` of `shards` of every batch's rows (`buffers.row_shard`).
+    """
 
     def __init__(self, c: ConfigDict):
         self.c = c
         self.is_main = jax.process_index() == 0
         self.mesh = shd.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+        self.shard, self.shards = buffers.row_shard(self.mesh)
+        self.rollout_mesh = self.mesh if jax.process_count() == 1 else distributed.local_mesh(self.mesh)
+        self._rollout_copy: Optional[tuple] = None
+        self._ref_rollout = None
         self.model = model_registry.load(
             c.model.name, tokenizer_path=c.model.tokenizer or None,
             shardings=lambda cfg: train_step.param_shardings(cfg, self.mesh),
@@ -105,17 +132,15 @@ class Run:
             self.model.params = None  # the state holds the trained copy; free the loaded one
         pad = self.model.tokenizer.eos_id if self.model.tokenizer.eos_id is not None else 0
         self.pad_id = pad
-        self.sampler = Sampler(self.mcfg, mesh=self.mesh, pad_id=pad)
+        self.sampler = Sampler(self.mcfg, mesh=self.rollout_mesh, pad_id=pad)
         r = c.rollout
-        self.policy = ModelPolicy(self.model, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                  top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size,
-                                  sampler=self.sampler, params=self.state["params"])
+        self.policy = self.make_policy(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                       top_k=r.top_k, top_p=r.top_p, params=self.state["params"])
         self.partner_policy = None
         if c.games.partner == "reference":
-            self.partner_policy = ModelPolicy(self.model, max_new_tokens=r.max_new_tokens,
-                                              temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                              batch_size=r.batch_size, sampler=self.sampler,
-                                              params=self.ref_params)
+            self.partner_policy = self.make_policy(max_new_tokens=r.max_new_tokens,
+                                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                                   params=self.ref_params)
         self.reward = RewardConfig(c.games.reward, float(c.games.abort_penalty))
         self.writer = MetricWriter(c.run_dir, tensorboard=bool(c.log.tensorboard), enabled=self.is_main,
                                    resume_step=self.start if c.resume else None)
@@ -124,6 +149,36 @@ class Run:
         self._steps: dict = {}
         self._compiled: dict = {}
         self.rows_multiple = buffers.rows_multiple(self.mesh)
+
+    # ----- processes --------------------------------------------------------------------------
+    def make_policy(self, **kwargs) -> RolloutPolicy:
+        return RolloutPolicy(self.model, convert=self.rollout_params, batch_size=self.c.rollout.batch_size,
+                             sampler=self.sampler, **kwargs)
+
+    def rollout_params(self, params):
+        """`params` as this process samples from them: the arrays themselves with one process; with
+        several, this process's copy on `rollout_mesh` (a collective that every process must join,
+        made once per params object: the frozen reference once, the trained params once per step)."""
+        if jax.process_count() == 1:
+            return params
+        if params is self.ref_params:
+            if self._ref_rollout is None:
+                self._ref_rollout = self._local_copy(params)
+            return self._ref_rollout
+        if self._rollout_copy is None or self._rollout_copy[0] is not params:
+            self._rollout_copy = None  # free the previous copy first
+            self._rollout_copy = (params, self._local_copy(params))
+        return self._rollout_copy[1]
+
+    def _local_copy(self, params):
+        shardings = train_step.param_shardings(self.mcfg, self.rollout_mesh)
+        return distributed.process_local_copy(params, shardings)
+
+    def global_sum(self, values) -> np.ndarray:
+        """Sums per-process counts over the data shards (each shard counted once)."""
+        if jax.process_count() == 1:
+            return np.asarray(values, np.float64)
+        return distributed.shard_sum(values, self.shard)
 
     # ----- state ------------------------------------------------------------------------------
     def _init_or_restore(self, abstract_params):
@@ -175,14 +230,13 @@ class Run:
                              partner=self.env_partner(), reward=self.reward, seed=int(c.seed),
                              learner_name=os.path.basename(c.model.name.rstrip("/")),
                              partner_name=None if self.env_partner() else c.games.partner)
-        greedy = ModelPolicy(self.model, max_new_tokens=c.eval.max_new_tokens, temperature=0.0,
-                             batch_size=c.rollout.batch_size, sampler=self.sampler,
-                             params=self.state["params"])
+        # Every process plays every eval episode (with its own copy of the params); process 0 writes.
+        greedy = self.make_policy(max_new_tokens=c.eval.max_new_tokens, temperature=0.0,
+                                  params=self.state["params"])
         partner = None
         if self.partner_policy is not None:
-            partner = ModelPolicy(self.model, max_new_tokens=c.eval.max_new_tokens, temperature=0.0,
-                                  batch_size=c.rollout.batch_size, sampler=self.sampler,
-                                  params=self.ref_params)
+            partner = self.make_policy(max_new_tokens=c.eval.max_new_tokens, temperature=0.0,
+                                       params=self.ref_params)
         t = time.perf_counter()
         finished = play(env, greedy, partner)
         per_game: dict = {}
@@ -209,18 +263,23 @@ class Run:
         return m
 
     # ----- one training step ------------------------------------------------------------------
-    def update(self, seqs: list, loss_fn, extra, weight_by: str, metrics: dict) -> None:
+    def update(self, seqs: list, loss_fn, extra, weight_by: str, metrics: dict, repeats: int = 1) -> None:
+        """One optimizer update (`repeats` of them) on this process's sequences and every other
+        process's (a process may have none); skipped when no process has any."""
         c = self.c
-        if not seqs:
+        batch = buffers.pack_shard(seqs, shard=self.shard, shards=self.shards,
+                                   micro_batch=int(c.batch.micro_batch), rows_multiple=self.rows_multiple,
+                                   max_len=int(c.batch.max_seq_len), pad_id=self.pad_id, weight_by=weight_by,
+                                   packed=bool(c.batch.pack) and weight_by == "tokens")
+        if batch is None:
             metrics["skipped_empty"] = 1.0
             return
-        batch = buffers.pack(seqs, micro_batch=int(c.batch.micro_batch), rows_multiple=self.rows_multiple,
-                             max_len=int(c.batch.max_seq_len), pad_id=self.pad_id, weight_by=weight_by,
-                             packed=bool(c.batch.pack) and weight_by == "tokens")
-        self._update_packed(batch, loss_fn, extra, metrics)
+        self._update_packed(batch, loss_fn, extra, metrics, repeats=repeats, shards=self.shards)
 
-    def _update_packed(self, batch: dict, loss_fn, extra, metrics: dict, repeats: int = 1) -> None:
-        device_batch = buffers.to_device(batch, self.mesh)
+    def _update_packed(self, batch: dict, loss_fn, extra, metrics: dict, repeats: int = 1,
+                       shards: int = 1) -> None:
+        """batch: the full batch on every process (shards=1) or this process's block of its rows."""
+        device_batch = buffers.to_device(batch, self.mesh, shards=shards)
         fn = self._steps.get(loss_fn)
         if fn is None:
             fn = self._steps[loss_fn] = train_step.make_train_step(loss_fn, self.optimizer, self.shardings)
@@ -238,8 +297,11 @@ class Run:
             self.state, out = compiled(self.state, device_batch, extra)
         out = {k: float(v) for k, v in jax.device_get(out).items()}
         seconds = time.perf_counter() - t
-        real = sum(int(np.count_nonzero(v)) for k, v in batch.items() if k.endswith("segment_ids")) * repeats
+        real = sum(int(np.count_nonzero(v)) for k, v in batch.items() if k.endswith("segment_ids"))
         rows = sum(int(v.sum()) for k, v in batch.items() if k.endswith("valid"))
+        if shards > 1:
+            real, rows = (int(x) for x in self.global_sum([real, rows]))
+        real *= repeats
         seq = next(v for k, v in batch.items() if k.endswith("tokens")).shape[-1]
         if self.peak is None:
             self.peak = measured_peak_flops(self.mcfg.jnp_dtype)
@@ -255,8 +317,43 @@ class Run:
 
 
 def _reseed(policy: ModelPolicy, seed: int, step: int) -> None:
+    """The policy's key for one step: a function of (seed, step) only, so that a resumed run samples
+    what the uninterrupted one did. (Each reply's own key also folds in its episode and turn.)"""
     policy._key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
     policy._calls = 0
+
+
+def _global_rollout_metrics(r: Run, ro) -> dict:
+    """The metrics of one GRPO step's rollouts over every data shard: the episode metrics (reward,
+    played, ...) recomputed from every shard's episodes, and collect's other metrics (counts) summed."""
+    import types
+
+    from games.core import BENCH_SCORE, METRIC_ABORTED, METRIC_SUCCESS
+
+    g = r.c.grpo
+    most = int(g.group_size) * max(hi - lo for lo, hi in (
+        distributed.share(int(g.groups_per_step), k, r.shards) for k in range(r.shards)))
+    stats = np.zeros((most, 5))   # valid, reward, aborted, main score (nan: none), success
+    for row, (f, _) in zip(stats, ro.finished):
+        es = f.episode_scores
+        q = es.get(BENCH_SCORE)
+        row[:] = (1.0, f.reward, bool(es.get(METRIC_ABORTED)), np.nan if q is None else float(q),
+                  bool(es.get(METRIC_SUCCESS)))
+    gathered = distributed.allgather(np.concatenate([[r.shard], stats.reshape(-1)]))
+    per_shard = {}
+    for x in gathered:   # processes of one shard played the same episodes
+        per_shard.setdefault(int(x[0]), x[1:].reshape(most, 5))
+    episodes = []
+    for k in sorted(per_shard):
+        for valid, reward, aborted, q, success in per_shard[k]:
+            if valid:
+                scores = {METRIC_ABORTED: bool(aborted), BENCH_SCORE: None if np.isnan(q) else float(q),
+                          METRIC_SUCCESS: bool(success)}
+                episodes.append((types.SimpleNamespace(reward=float(reward), episode_scores=scores), None))
+    out = grpo.episode_metrics(episodes)
+    counts = sorted(k for k in ro.metrics if k not in ("episodes", "reward", "played", "quality", "success"))
+    out.update({k: int(v) for k, v in zip(counts, r.global_sum([ro.metrics[k] for k in counts]))})
+    return out
 
 
 class Preempted(Exception):
@@ -296,7 +393,8 @@ def _run(r: Run) -> None:
         r.writer.write_text(r.start, "config", "```\n" + to_json(c) + "\n```")
     if c.method == "eval":
         m = r.evaluate(0)
-        print(json.dumps({"step": 0, **{k: v for k, v in m.items() if not k.startswith("clemscore_")}}))
+        if r.is_main:
+            print(json.dumps({"step": 0, **{k: v for k, v in m.items() if not k.startswith("clemscore_")}}))
         return
 
     if r.start >= int(c.steps):
@@ -330,7 +428,9 @@ def _run(r: Run) -> None:
             saved_at = done
         if c.eval.every and done % int(c.eval.every) == 0 and done < c.steps:
             _print_eval(r.evaluate(done), done)
-        if r.stop_requested and done < c.steps:
+        # With several processes, all stop after the same step (SIGTERM may reach them apart).
+        stop = distributed.any_process(r.stop_requested) if jax.process_count() > 1 else r.stop_requested
+        if stop and done < c.steps:
             # Finish the step in progress, save, and stop: a resumed run continues exactly from here.
             if saved_at != done:
                 r.save(done)
@@ -344,24 +444,31 @@ def _run(r: Run) -> None:
         r.save(int(c.steps))
     _print_eval(r.evaluate(int(c.steps)), int(c.steps))
     r.writer.flush()
+    # every process takes part in gathering the params; process 0 writes them
+    params = r.rollout_params(r.state["params"]) if c.export.hf else None
     if r.is_main:
         plot_curves(os.path.join(c.run_dir, "metrics.jsonl"), os.path.join(c.run_dir, "curves.png"))
         if c.export.hf:
-            export(r, os.path.join(c.run_dir, "hf"))
+            export(r, os.path.join(c.run_dir, "hf"), params)
 
 
 def _print_eval(m: dict, step: int) -> None:
+    if jax.process_index() != 0:
+        return
     print(f"eval step {step}: clemscore {m['clemscore']:.2f}, played {m['played']:.1f}%, "
           f"quality {m['quality']:.1f}  ({m['episodes']} episodes)", file=sys.stderr)
 
 
-def export(r: Run, path: str) -> None:
+def export(r: Run, path: str, params=None) -> None:
+    """Writes the policy as an HF directory. params: arrays this process can read whole (default: the
+    train state's, which holds only with one process; see `Run.rollout_params`)."""
     from models import loader
 
     dtype = None if r.c.export.dtype == "float32" else jnp.bfloat16
     src = r.model.path
     tok_dir = src if os.path.isdir(src) else None
-    loader.save_hf(r.state["params"], r.mcfg, path, tokenizer_dir=tok_dir, dtype=dtype)
+    params = r.state["params"] if params is None else params
+    loader.save_hf(params, r.mcfg, path, tokenizer_dir=tok_dir, dtype=dtype)
     if tok_dir is None and hasattr(r.model.tokenizer, "save"):
         r.model.tokenizer.save(path)
 
@@ -378,23 +485,18 @@ def _method_setup(r: Run):
         weight_by = "tokens" if c.grpo.aggregation == "token-mean" else "sequences"
 
         def grpo_step(i: int) -> dict:
+            # Each data shard plays its own block of the step's groups; every episode samples from
+            # keys of its own (see playpen_jax.rollout), so the split does not change what is played.
             _reseed(r.policy, int(c.seed), i)
             r.policy.params = r.state["params"]
             if r.partner_policy is not None:
                 _reseed(r.partner_policy, int(c.seed) + 1, i)
             t = time.perf_counter()
             ro = grpo.collect(pool, c, i, r.policy, r.partner_policy, roles, r.reward,
-                              env_partner=r.env_partner())
-            metrics = dict(ro.metrics)
+                              env_partner=r.env_partner(), shard=r.shard, shards=r.shards)
+            metrics = dict(ro.metrics) if r.shards == 1 else _global_rollout_metrics(r, ro)
             metrics["rollout_seconds"] = time.perf_counter() - t
-            if ro.sequences:
-                batch = buffers.pack(ro.sequences, micro_batch=int(c.batch.micro_batch),
-                                     rows_multiple=r.rows_multiple, max_len=int(c.batch.max_seq_len),
-                                     pad_id=r.pad_id, weight_by=weight_by,
-                                     packed=bool(c.batch.pack) and weight_by == "tokens")
-                r._update_packed(batch, loss_fn, extra, metrics, repeats=int(c.grpo.updates_per_batch))
-            else:
-                metrics["skipped_empty"] = 1.0
+            r.update(ro.sequences, loss_fn, extra, weight_by, metrics, repeats=int(c.grpo.updates_per_batch))
             return metrics
 
         return grpo_step
@@ -407,6 +509,8 @@ def _method_setup(r: Run):
 
         def sft_step(i: int) -> dict:
             seqs = sft.batch_for_step(rows, i, int(c.sft.batch_size), int(c.seed))
+            lo, hi = distributed.share(len(seqs), r.shard, r.shards)   # this data shard's rows
+            seqs = seqs[lo:hi]
             metrics = {"rows_total": len(rows)}
             r.update(seqs, loss_fn, None, "tokens", metrics)
             return metrics

@@ -15,6 +15,11 @@ directory receives:
 With `--config.resume=true` the run continues from the newest complete checkpoint in run_dir.
 Every rollout and data order is a function of (seed, step), so a resumed run takes the same path as
 an uninterrupted one.
+
+On several hosts, start the same command on each; `playpen_jax.distributed.initialize` connects
+them (from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or on a Cloud TPU pod
+slice by itself). Each process plays its share of the episodes; process 0 writes the run directory's
+files (orbax checkpoints are written by all).
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ def main(argv: Optional[list] = None) -> int:
         # and a resumed run would drift from an uninterrupted one. CPU and TPU are deterministic.
         flags = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
         os.environ["XLA_FLAGS"] = flags.strip()
+    from playpen_jax import distributed
+
+    try:
+        distributed.initialize()   # before the first JAX computation; nothing to do for one process
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from playpen_jax.checkpoint import CheckpointError
     from train import loop
 

@@ -87,7 +87,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
     gradient norm before clipping ("grad_norm") and the learning rate is left to the caller.
     """
 
+    mesh = next(s.mesh for s in jax.tree_util.tree_leaves(shardings) if isinstance(s, NamedSharding))
+    layout = shd.constrain_activations(mesh)
+
     def step(state, batch, extra):
+        # hidden states keep the batch's data sharding (see models.llama.activation_layout)
+        with llama.activation_layout(layout):
+            return _step(state, batch, extra)
+
+    def _step(state, batch, extra):
         params = state["params"]
         param_sh = shardings["params"]
 
