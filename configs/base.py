@@ -18,6 +18,14 @@ def get_base_config(method: str) -> ConfigDict:
     c.method = method               # "sft" | "dpo" | "grpo" | "eval"
     c.seed = 0
     c.deterministic = True          # deterministic GPU kernels (exact resume); False may be faster
+
+    # Several processes (GPU hosts, CPU tests): each value given here replaces the environment's
+    # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. All unset and no such variables:
+    # one process, or on a Cloud TPU slice the TPU metadata (playpen_jax/distributed.py).
+    c.distributed = ConfigDict()
+    c.distributed.coordinator_address = ""   # host:port of process 0
+    c.distributed.num_processes = 0          # 0 = from the environment
+    c.distributed.process_id = -1            # -1 = from the environment
     c.run_dir = f"runs/{method}"    # checkpoints, metrics, records, plots, the exported model
     c.resume = False                # continue from the newest complete checkpoint in run_dir
     c.steps = 4                     # optimizer steps (8B: a few hundred)
@@ -55,6 +63,7 @@ def get_base_config(method: str) -> ConfigDict:
     c.games.names = "train"         # "train" | "heldout" | "all" | comma-separated game names
     c.games.learner_roles = "all"   # "all", or player numbers / role names, e.g. "2" or "Guesser"
     c.games.partner = "strong"      # "strong" | "weak" (programmatic) | "reference" | "self"
+    #                                 | "openai:MODEL" (an OpenAI-compatible server: see `remote`)
     c.games.reward = "quality"      # "quality" (Main Score / 100) | "success"
     c.games.abort_penalty = 0.5     # an aborted episode's reward is -abort_penalty
 
@@ -64,6 +73,15 @@ def get_base_config(method: str) -> ConfigDict:
     c.rollout.top_k = 0
     c.rollout.top_p = 1.0
     c.rollout.batch_size = 32       # prompts per sampler call
+
+    # A partner "openai:MODEL" is served at $OPENAI_BASE_URL with the key $OPENAI_API_KEY (both read
+    # from the environment only, never written to the run directory); models/remote.py.
+    c.remote = ConfigDict()
+    c.remote.timeout_s = 60.0       # per HTTP request
+    c.remote.retries = 4            # on connection errors, timeouts, 408/409/429/5xx
+    c.remote.backoff_s = 1.0        # backoff_s x 2^k between tries (or the server's Retry-After)
+    c.remote.requests_per_second = 0.0   # 0 = no limit
+    c.remote.concurrency = 8        # requests in flight at once
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 2          # steps between checkpoints (and one at the end); 0 = end only

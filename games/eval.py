@@ -2,6 +2,11 @@
 
     python -m games.eval --model=smollm2-135m-instruct --games=all --split=test [--limit=N] [--out=DIR]
     python -m games.eval --players=strong --games=all          # programmatic players only
+    python -m games.eval --model=openai:MODEL --games=all      # a model behind OPENAI_BASE_URL
+
+A model named `openai:MODEL` is played through an OpenAI-compatible HTTP API (models/remote.py;
+server and key from OPENAI_BASE_URL / OPENAI_API_KEY); `--partner=openai:MODEL` makes such a model
+the partner of the roles the evaluated model does not play.
 
 The model plays every role (self-play, as clembench evaluates a model) unless `--partner` names a
 programmatic partner for the roles not in `--model_roles`. All pending requests of all live episodes
@@ -114,10 +119,12 @@ def run_programmatic(episodes, kind: str, out: Path, progress) -> dict:
 
 
 def run_model(episodes, policy, out: Path, progress, *, batch_size: int, learner_roles, partner,
-              model_name: str) -> dict:
+              model_name: str, partner_policy=None, partner_name=None) -> dict:
+    """Plays the episodes with `policy` in the learner roles and, for the other roles, the
+    programmatic `partner` kind or the callable `partner_policy`; writes every finished episode."""
     per_game: dict = {}
     env = BatchedGameEnv(iter(episodes), batch_size=batch_size, learner_roles=learner_roles,
-                         partner=partner, learner_name=model_name)
+                         partner=partner, learner_name=model_name, partner_name=partner_name)
 
     def collect(finished):
         for fin in finished:
@@ -128,13 +135,19 @@ def run_model(episodes, policy, out: Path, progress, *, batch_size: int, learner
     collect(env.step({}))  # episodes that finished without the model
     while not env.done:
         reqs = env.pending()
-        collect(env.step(dict(zip((r.id for r in reqs), policy(reqs)))))
+        mine = [r for r in reqs if r.learner]
+        theirs = [r for r in reqs if not r.learner]
+        replies = dict(zip((r.id for r in mine), policy(mine))) if mine else {}
+        if theirs:
+            replies.update(zip((r.id for r in theirs), partner_policy(theirs)))
+        collect(env.step(replies))
     return per_game
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m games.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="registry name or path (HF dir / GGUF)")
+    p.add_argument("--model", default=None,
+                   help="registry name or path (HF dir / GGUF), or openai:MODEL (an HTTP API)")
     p.add_argument("--players", default=None, choices=PROGRAMMATIC,
                    help="play programmatic players in every role instead of a model")
     p.add_argument("--games", default="all", help="all, train, heldout, or a comma-separated list")
@@ -142,8 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="instance-generation and sampling seed")
     p.add_argument("--limit", type=int, default=None, help="at most this many instances per game")
     p.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
-    p.add_argument("--partner", default=None, choices=PROGRAMMATIC,
-                   help="programmatic partner for the roles the model does not play")
+    p.add_argument("--partner", default=None,
+                   help="partner for the roles the model does not play: strong, weak (programmatic) "
+                        "or openai:MODEL")
     p.add_argument("--model_roles", default="all",
                    help="roles the model plays: all, or role names / player numbers (1,2)")
     p.add_argument("--batch_size", type=int, default=32)
@@ -151,6 +165,10 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--remote_timeout", type=float, default=60.0, help="openai: seconds per HTTP request")
+    p.add_argument("--remote_retries", type=int, default=4, help="openai: retries of a failed request")
+    p.add_argument("--requests_per_second", type=float, default=0.0, help="openai: rate limit (0: none)")
+    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once")
     args = p.parse_args(argv)
 
     if (args.model is None) == (args.players is None):
@@ -161,6 +179,11 @@ def main(argv=None) -> int:
         return 2
     if args.batch_size < 1 or args.max_new_tokens < 1:
         print("error: --batch_size and --max_new_tokens must be >= 1", file=sys.stderr)
+        return 2
+    from models import remote
+
+    if args.partner is not None and args.partner not in PROGRAMMATIC and not remote.is_remote(args.partner):
+        print(f"error: --partner={args.partner!r}: expected strong, weak or openai:MODEL", file=sys.stderr)
         return 2
     if args.model_roles != "all" and args.partner is None:
         print("error: --model_roles needs a --partner for the other roles", file=sys.stderr)
@@ -188,16 +211,35 @@ def main(argv=None) -> int:
             from models.errors import ModelError
             from playpen_jax.rollout import ModelPolicy
 
+            def http_model(spec):
+                return remote.RemotePolicy(spec, max_new_tokens=args.max_new_tokens,
+                                           temperature=args.temperature, timeout=args.remote_timeout,
+                                           retries=args.remote_retries,
+                                           requests_per_second=args.requests_per_second,
+                                           concurrency=args.concurrency)
+
             try:
-                model = model_registry.load(args.model, param_dtype=args.dtype, dtype=args.dtype)
-            except ModelError as e:
+                if remote.is_remote(args.model):
+                    name, policy = args.model, http_model(args.model)
+                else:
+                    model = model_registry.load(args.model, param_dtype=args.dtype, dtype=args.dtype)
+                    name = Path(str(args.model)).name
+                    policy = ModelPolicy(model, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, seed=args.seed,
+                                         batch_size=args.batch_size)
+                partner_policy = http_model(args.partner) if remote.is_remote(args.partner) else None
+            except (ModelError, remote.RemoteModelError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-            name = Path(str(args.model)).name
-            policy = ModelPolicy(model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 seed=args.seed, batch_size=args.batch_size)
-            per_game = run_model(episodes, policy, out, progress, batch_size=args.batch_size,
-                                 learner_roles=learner_roles, partner=args.partner, model_name=name)
+            try:
+                per_game = run_model(episodes, policy, out, progress, batch_size=args.batch_size,
+                                     learner_roles=learner_roles,
+                                     partner=None if partner_policy else args.partner, model_name=name,
+                                     partner_policy=partner_policy,
+                                     partner_name=args.partner if partner_policy else None)
+            except remote.RemoteModelError as e:
+                print(f"error: {e} (the finished episodes' records are in {out})", file=sys.stderr)
+                return 1
     finally:
         progress.close()
     meta = {"model": name, "games": games, "split": args.split, "seed": args.seed, "limit": args.limit,

@@ -169,20 +169,37 @@ def _experiment_config(folder: Path, name: str) -> dict | None:
 
 def read_episode(folder: str | Path) -> EpisodeRecord:
     folder = Path(folder)
-    interactions = _read_json(folder / "interactions.json")
+    where = folder / "interactions.json"
+    interactions = _read_json(where)
     if not isinstance(interactions, Mapping) or not isinstance(interactions.get("turns"), list):
-        raise GameError(f"{folder / 'interactions.json'}: no 'turns' list")
+        raise GameError(f"{where}: no 'turns' list")
+    for i, rnd in enumerate(interactions["turns"]):
+        if not isinstance(rnd, list):
+            raise GameError(f"{where}: round {i} is a {type(rnd).__name__}, not a list of events")
+        for ev in rnd:
+            if isinstance(ev, Mapping) and not isinstance(ev.get("action") or {}, Mapping):
+                raise GameError(f"{where}: round {i} has an event whose 'action' is not an object")
     if not (folder / "instance.json").is_file():
         raise GameError(f"{folder}: no instance.json beside interactions.json")
     instance = _read_json(folder / "instance.json")
+    if not isinstance(instance, Mapping):
+        raise GameError(f"{folder / 'instance.json'}: expected a JSON object, got {type(instance).__name__}")
     meta = interactions.get("meta") or {}
+    if not isinstance(meta, Mapping):
+        raise GameError(f"{where}: 'meta' is not an object")
     exp_dir = folder.parent.name
     # v2 names experiment folders '<i>_<experiment>'; clemcore >= 3 uses the experiment name.
     exp_name = meta.get("experiment_name") or re.sub(r"^\d+_", "", exp_dir)
     game = meta.get("game_name") or folder.parent.parent.name
+    if not isinstance(exp_name, str) or not isinstance(game, str):
+        raise GameError(f"{where}: meta's game_name / experiment_name must be text")
     scores = _read_json(folder / "scores.json") if (folder / "scores.json").is_file() else None
-    return EpisodeRecord(folder, game, exp_name, _experiment_config(folder, exp_name), instance,
-                         interactions, scores)
+    if scores is not None and not isinstance(scores, Mapping):
+        raise GameError(f"{folder / 'scores.json'}: expected a JSON object")
+    experiment = _experiment_config(folder, exp_name)
+    if experiment is not None and not isinstance(experiment, Mapping):
+        raise GameError(f"{folder.parent}: the experiment config is not a JSON object")
+    return EpisodeRecord(folder, game, exp_name, experiment, instance, interactions, scores)
 
 
 def find_episodes(root: str | Path) -> Iterator[Path]:

@@ -112,7 +112,22 @@ def first_differing_round(recorded: dict, replayed: dict) -> int | None:
     return None
 
 
+# What a game master may raise on a recorded instance or experiment of an unexpected shape.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
 def replay_record(rec: records.EpisodeRecord) -> ReplayResult:
+    """Plays the record's episode again through its game master with the recorded replies. A record
+    the master cannot play (an instance or experiment of another shape) is reported in `note`."""
+    try:
+        return _replay(rec)
+    except _MALFORMED as e:
+        return ReplayResult(rec.folder, rec.game, None, None, {}, None,
+                            f"the recorded instance or experiment is malformed ({type(e).__name__}: "
+                            f"{str(e)[:200]})")
+
+
+def _replay(rec: records.EpisodeRecord) -> ReplayResult:
     try:
         spec = registry.get(rec.game)
     except GameError as e:

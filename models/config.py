@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping, Optional
 
@@ -58,8 +59,10 @@ class LlamaConfig:
             if getattr(self, name) not in _DTYPES:
                 raise ConfigError(f"model config: {name} must be one of {sorted(_DTYPES)}, "
                                   f"got {getattr(self, name)!r}")
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-            raise ConfigError("model config: rope_theta and rms_norm_eps must be positive")
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+                   for x in (self.rope_theta, self.rms_norm_eps)):
+            raise ConfigError("model config: rope_theta and rms_norm_eps must be positive finite numbers, "
+                              f"got {self.rope_theta!r} and {self.rms_norm_eps!r}")
 
     @property
     def jnp_param_dtype(self):
@@ -84,6 +87,18 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> "LlamaConfig":
         """Builds a config from the dict of an HF `config.json` (LlamaForCausalLM family)."""
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"model config: config.json holds a {type(hf).__name__}, not an object")
+        try:
+            return cls._from_hf(hf, **overrides)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            what = f"lacks the key {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
+            raise ConfigError(f"model config: config.json {what}") from None
+
+    @classmethod
+    def _from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> "LlamaConfig":
         arch = hf.get("model_type")
         if arch not in (None, "llama", "mistral"):
             raise ConfigError(f"model config: model_type {arch!r} is not a Llama-family model")
@@ -120,7 +135,11 @@ class LlamaConfig:
                 raise ConfigError(f"model config: rope_scaling type {kind!r} is not supported "
                                   "(supported: llama3)")
         eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        bos = hf.get("bos_token_id")
+        if not all(_is_int(t) for t in eos_ids) or not (bos is None or _is_int(bos)):
+            raise ConfigError(f"model config: bos_token_id / eos_token_id must be token ids, got {bos!r} / "
+                              f"{eos!r}")
         kwargs.update(
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             rope_scaling=rope_scaling,
@@ -143,8 +162,10 @@ class LlamaConfig:
                 hf = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"model config: no config.json at {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"model config: {path} is not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"model config: cannot read {path} ({e.strerror or e})") from None
         return cls.from_hf(hf, **overrides)
 
     def to_hf(self) -> dict:
@@ -208,6 +229,10 @@ PRESETS["llama-3.1-8b-instruct"] = PRESETS["llama-3.1-8b"]
 PRESETS["llama-3.2-1b-instruct"] = PRESETS["llama-3.2-1b"]
 PRESETS["llama-3.2-3b-instruct"] = PRESETS["llama-3.2-3b"]
 PRESETS["smollm2-135m-instruct"] = PRESETS["smollm2-135m"]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def preset(name: str, **overrides: Any) -> LlamaConfig:

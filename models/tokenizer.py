@@ -181,8 +181,44 @@ def _compile_template(source: str):
 
 def _token_str(value) -> Optional[str]:
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) or value is None else _bad
+
+
+_bad = object()
+
+
+def _read_tokenizer_config(path: str) -> dict:
+    """{"chat_template", "bos_token", "eos_token"} (None where absent) of a tokenizer_config.json,
+    all {None} when there is no such file; a TokenizerError names what is malformed."""
+    out = {"chat_template": None, "bos_token": None, "eos_token": None}
+    if not os.path.exists(path):
+        return out
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(cfg, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise TokenizerError(f"{path}: chat_template list entries need a 'name' and a 'template' text")
+        named = {t.get("name"): t["template"] for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{path}: chat_template must be text, got {type(template).__name__}")
+    out["chat_template"] = template
+    for key in ("bos_token", "eos_token"):
+        value = _token_str(cfg.get(key))
+        if value is _bad:
+            raise TokenizerError(f"{path}: {key} must be a token's text (or {{'content': text}}), "
+                                 f"got {cfg.get(key)!r:.80}")
+        out[key] = value
+    return out
 
 
 class HFTokenizer(Tokenizer):
@@ -207,23 +243,17 @@ class HFTokenizer(Tokenizer):
             fast = FastTokenizer.from_file(tok_path)
         except Exception as e:
             raise TokenizerError(f"{tok_path}: not a valid tokenizer.json ({e})") from None
-        cfg = {}
         cfg_path = os.path.join(folder, "tokenizer_config.json")
-        if os.path.exists(cfg_path):
-            try:
-                with open(cfg_path) as f:
-                    cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{cfg_path}: not valid JSON ({e})") from None
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in template}
-            template = named.get("default") or next(iter(named.values()), None)
+        cfg = _read_tokenizer_config(cfg_path)
+        template = cfg["chat_template"]
         jinja_path = os.path.join(folder, "chat_template.jinja")
         if template is None and os.path.exists(jinja_path):
-            with open(jinja_path) as f:
-                template = f.read()
-        return cls(fast, _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token")), template)
+            try:
+                with open(jinja_path, encoding="utf-8") as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{jinja_path}: cannot be read as text ({e})") from None
+        return cls(fast, cfg["bos_token"], cfg["eos_token"], template)
 
     def save(self, path: str) -> None:
         """Writes tokenizer.json and tokenizer_config.json (special tokens, chat template) to the
@@ -354,11 +384,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             return HFTokenizer.from_dir(path)
         if os.path.exists(os.path.join(path, "tokenizer.model")):
-            template = None
-            cfg = os.path.join(path, "tokenizer_config.json")
-            if os.path.exists(cfg):
-                with open(cfg) as f:
-                    template = json.load(f).get("chat_template")
+            template = _read_tokenizer_config(os.path.join(path, "tokenizer_config.json"))["chat_template"]
             return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"), template)
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
     if path.endswith(".gguf"):

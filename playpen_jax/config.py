@@ -206,7 +206,19 @@ def validate(c: ConfigDict) -> ConfigDict:
         raise ConfigError(f"config.games.names / eval.games: {e}") from None
     _require(isinstance(c.games.learner_roles, str) and c.games.learner_roles.strip() != "",
              "games.learner_roles", c.games.learner_roles, "must be 'all' or player numbers / role names")
-    _choice(c, "games.partner", PARTNERS)
+    p = c.games.partner
+    _require(p in PARTNERS or (isinstance(p, str) and p.startswith("openai:") and p[7:].strip() != ""),
+             "games.partner", p, f"must be one of {', '.join(repr(a) for a in PARTNERS)} or "
+             "'openai:MODEL' (a model behind OPENAI_BASE_URL)")
+    _require(isinstance(c.distributed.coordinator_address, str), "distributed.coordinator_address",
+             c.distributed.coordinator_address, "must be host:port or empty")
+    _num(c, "distributed.num_processes", lo=0, integer=True)
+    _num(c, "distributed.process_id", lo=-1, integer=True)
+    _num(c, "remote.timeout_s", lo=0, lo_open=True)
+    _num(c, "remote.retries", lo=0, integer=True)
+    _num(c, "remote.backoff_s", lo=0)
+    _num(c, "remote.requests_per_second", lo=0)
+    _num(c, "remote.concurrency", lo=1, integer=True)
     _choice(c, "games.reward", ("quality", "success"))
     _num(c, "games.abort_penalty")
     _num(c, "rollout.max_new_tokens", lo=1, integer=True)

@@ -119,20 +119,24 @@ def _parse_jsonl(path: str) -> list[tuple[int, str, dict]]:
     remainder of a write that a killed process did not finish. Any other line that is not a JSON
     object raises `MetricsError` naming the file and line number.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    # lines with their newline; the last one has none when the file does not end with a newline
+    lines = [x + b"\n" for x in raw[:-1]] + ([raw[-1]] if raw[-1] else [])
     out = []
-    for i, line in enumerate(lines):
+    for i, data in enumerate(lines):
         lineno = i + 1
-        if not line.strip():
-            continue
-        is_unterminated_last = i == len(lines) - 1 and not line.endswith("\n")
+        is_unterminated_last = i == len(lines) - 1 and not data.endswith(b"\n")
         try:
+            line = data.decode("utf-8")
+            if not line.strip():
+                continue
             record = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if is_unterminated_last:
                 break
-            raise MetricsError(f"{path}:{lineno}: corrupt metrics line ({e.msg})") from None
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise MetricsError(f"{path}:{lineno}: corrupt metrics line ({reason})") from None
         if not isinstance(record, dict):
             if is_unterminated_last:
                 break

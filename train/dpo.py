@@ -168,14 +168,41 @@ def _save_round(path: str, pairs: list, metrics: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_round(path: str):
-    with open(path) as f:
-        data = json.load(f)
+def _load_round(path: str, vocab_size: int):
+    """The pairs and metrics of a saved round; CheckpointError when the file is not one."""
+    from playpen_jax.checkpoint import CheckpointError
+
+    def bad(why: str):
+        return CheckpointError(f"{path}: {why}; delete it to collect the round again")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"not a readable JSON file ({e})") from None
 
     def dec(x):
-        return buffers.TokenSequence(x["tokens"], x["loss_mask"], ref_logprob=float(x["ref_logprob"]))
+        if not isinstance(x, dict):
+            raise bad("a pair's sequence is not an object")
+        tokens, mask, ref = x.get("tokens"), x.get("loss_mask"), x.get("ref_logprob")
+        if not (isinstance(tokens, list) and tokens and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens)):
+            raise bad(f"'tokens' must be a non-empty list of token ids below {vocab_size}")
+        if not (isinstance(mask, list) and len(mask) == len(tokens) and all(m in (0, 1) for m in mask)):
+            raise bad("'loss_mask' must be 0/1 values, one per token")
+        if isinstance(ref, bool) or not isinstance(ref, (int, float)) or not np.isfinite(ref):
+            raise bad("'ref_logprob' must be a finite number")
+        return buffers.TokenSequence(tokens, mask, ref_logprob=float(ref))
 
-    return [(dec(a), dec(b)) for a, b in data["pairs"]], data["metrics"]
+    if not isinstance(data, dict) or not isinstance(data.get("pairs"), list) \
+            or not isinstance(data.get("metrics"), dict):
+        raise bad("expected an object with a 'pairs' list and a 'metrics' object")
+    pairs = []
+    for p in data["pairs"]:
+        if not isinstance(p, list) or len(p) != 2:
+            raise bad("each pair must be [chosen, rejected]")
+        pairs.append((dec(p[0]), dec(p[1])))
+    return pairs, data["metrics"]
 
 
 def pack_pairs(r, pairs: list) -> dict:
@@ -212,7 +239,7 @@ def make_step(r):
         if jax.process_count() > 1:   # process 0's view, so that all collect (a collective) or none
             saved = bool(distributed.allgather(np.int32(saved))[0])
         if saved:
-            pairs, metrics = _load_round(path)
+            pairs, metrics = _load_round(path, r.mcfg.vocab_size)
         else:
             pairs, metrics = collect_pairs(r, k)
             add_reference_logprobs(r, pairs)

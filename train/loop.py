@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Optional
@@ -17,6 +18,7 @@ from games import eval as game_eval
 from games import records, registry
 from games.env import BatchedGameEnv, RewardConfig
 from models import registry as model_registry
+from models import remote
 from models.sampler import Sampler
 from playpen_jax import buffers, distributed
 from playpen_jax import sharding as shd
@@ -137,18 +139,30 @@ class Run:
         self.policy = self.make_policy(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                        top_k=r.top_k, top_p=r.top_p, params=self.state["params"])
         self.partner_policy = None
-        if c.games.partner == "reference":
+        if remote.is_remote(c.games.partner):
+            self.partner_policy = self.remote_partner(r.max_new_tokens, r.temperature)
+        elif c.games.partner == "reference":
             self.partner_policy = self.make_policy(max_new_tokens=r.max_new_tokens,
                                                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                                    params=self.ref_params)
         self.reward = RewardConfig(c.games.reward, float(c.games.abort_penalty))
+        # A resumed run drops the metrics logged after its checkpoint (from step 0 on, i.e. all of
+        # them, when it starts over: a start eval cut short is played again).
         self.writer = MetricWriter(c.run_dir, tensorboard=bool(c.log.tensorboard), enabled=self.is_main,
-                                   resume_step=self.start if c.resume else None)
+                                   resume_step=(self.start or -1) if c.resume else None)
         self.peak = None
         self.stop_requested = False
         self._steps: dict = {}
         self._compiled: dict = {}
         self.rows_multiple = buffers.rows_multiple(self.mesh)
+
+    def remote_partner(self, max_new_tokens: int, temperature: float) -> remote.RemotePolicy:
+        q = self.c.remote
+        return remote.RemotePolicy(self.c.games.partner, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, timeout=float(q.timeout_s),
+                                   retries=int(q.retries), backoff=float(q.backoff_s),
+                                   requests_per_second=float(q.requests_per_second),
+                                   concurrency=int(q.concurrency))
 
     # ----- processes --------------------------------------------------------------------------
     def make_policy(self, **kwargs) -> RolloutPolicy:
@@ -234,7 +248,9 @@ class Run:
         greedy = self.make_policy(max_new_tokens=c.eval.max_new_tokens, temperature=0.0,
                                   params=self.state["params"])
         partner = None
-        if self.partner_policy is not None:
+        if remote.is_remote(c.games.partner):
+            partner = self.remote_partner(int(c.eval.max_new_tokens), 0.0)
+        elif self.partner_policy is not None:
             partner = self.make_policy(max_new_tokens=c.eval.max_new_tokens, temperature=0.0,
                                        params=self.ref_params)
         t = time.perf_counter()
@@ -398,6 +414,15 @@ def _run(r: Run) -> None:
         return
 
     if r.start >= int(c.steps):
+        # The final checkpoint is written after the final eval, so only the export can be missing
+        # (a run killed while exporting): finish it.
+        missing = bool(c.export.hf) and not os.path.isdir(os.path.join(c.run_dir, "hf"))
+        if jax.process_count() > 1:   # process 0's view: the export is a collective
+            missing = bool(distributed.allgather(np.int32(missing))[0])
+        if missing:
+            _write_outputs(r)
+            if r.is_main:
+                print(f"{c.run_dir}: wrote the final export of step {r.start}", file=sys.stderr)
         print(f"{c.run_dir} is complete at step {r.start}; raise --config.steps to train further",
               file=sys.stderr)
         return
@@ -423,11 +448,13 @@ def _run(r: Run) -> None:
             shown = {k: metrics[k] for k in ("loss", "reward", "played") if k in metrics}
             bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
             bar.update(1)
+        # The eval of a step comes before its checkpoint: a run killed during the eval resumes from
+        # the step before and plays it again, so that every eval of the finished run is there.
+        if c.eval.every and done % int(c.eval.every) == 0 and done < c.steps:
+            _print_eval(r.evaluate(done), done)
         if c.checkpoint.every and done % int(c.checkpoint.every) == 0 and done < c.steps:
             r.save(done)
             saved_at = done
-        if c.eval.every and done % int(c.eval.every) == 0 and done < c.steps:
-            _print_eval(r.evaluate(done), done)
         # With several processes, all stop after the same step (SIGTERM may reach them apart).
         stop = distributed.any_process(r.stop_requested) if jax.process_count() > 1 else r.stop_requested
         if stop and done < c.steps:
@@ -440,16 +467,26 @@ def _run(r: Run) -> None:
             raise Preempted(f"SIGTERM: saved step {done} in {c.run_dir}; continue with --config.resume=true")
     if bar is not None:
         bar.close()
-    if saved_at != int(c.steps):
-        r.save(int(c.steps))
     _print_eval(r.evaluate(int(c.steps)), int(c.steps))
     r.writer.flush()
+    r.save(int(c.steps))
+    _write_outputs(r)
+
+
+def _write_outputs(r: Run) -> None:
+    """curves.png and the HF export of the final params. The export is written beside `hf/` and
+    renamed into place, so `hf/` exists only complete."""
+    c = r.c
     # every process takes part in gathering the params; process 0 writes them
     params = r.rollout_params(r.state["params"]) if c.export.hf else None
     if r.is_main:
         plot_curves(os.path.join(c.run_dir, "metrics.jsonl"), os.path.join(c.run_dir, "curves.png"))
         if c.export.hf:
-            export(r, os.path.join(c.run_dir, "hf"), params)
+            final, partial = os.path.join(c.run_dir, "hf"), os.path.join(c.run_dir, "hf.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            export(r, partial, params)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
 
 
 def _print_eval(m: dict, step: int) -> None:
@@ -489,7 +526,7 @@ def _method_setup(r: Run):
             # keys of its own (see playpen_jax.rollout), so the split does not change what is played.
             _reseed(r.policy, int(c.seed), i)
             r.policy.params = r.state["params"]
-            if r.partner_policy is not None:
+            if isinstance(r.partner_policy, ModelPolicy):
                 _reseed(r.partner_policy, int(c.seed) + 1, i)
             t = time.perf_counter()
             ro = grpo.collect(pool, c, i, r.policy, r.partner_policy, roles, r.reward,

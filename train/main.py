@@ -17,9 +17,9 @@ Every rollout and data order is a function of (seed, step), so a resumed run tak
 an uninterrupted one.
 
 On several hosts, start the same command on each; `playpen_jax.distributed.initialize` connects
-them (from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or on a Cloud TPU pod
-slice by itself). Each process plays its share of the episodes; process 0 writes the run directory's
-files (orbax checkpoints are written by all).
+them (from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or the config's
+`distributed.*` values, or on a Cloud TPU pod slice by itself). Each process plays its share of
+the episodes; process 0 writes the run directory's files (orbax checkpoints are written by all).
 """
 
 from __future__ import annotations
@@ -48,16 +48,20 @@ def main(argv: Optional[list] = None) -> int:
     from playpen_jax import distributed
 
     try:
-        distributed.initialize()   # before the first JAX computation; nothing to do for one process
+        d = config.distributed   # values given in the config replace the environment's
+        distributed.initialize({"JAX_COORDINATOR_ADDRESS": d.coordinator_address or None,
+                                "JAX_NUM_PROCESSES": d.num_processes or None,
+                                "JAX_PROCESS_ID": d.process_id if d.process_id >= 0 else None})
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from models.remote import RemoteModelError
     from playpen_jax.checkpoint import CheckpointError
     from train import loop
 
     try:
         loop.run(config)
-    except (ConfigError, ModelError, GameError, CheckpointError, loop.RunError) as e:
+    except (ConfigError, ModelError, GameError, CheckpointError, RemoteModelError, loop.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except loop.Preempted as e:

@@ -72,6 +72,20 @@ def test_bad_settings_stop_train_main_with_one_line(monkeypatch, capsys):
     assert err.startswith("error: JAX_COORDINATOR_ADDRESS set but") and len(err.splitlines()) == 1
 
 
+def test_config_values_replace_the_environment(monkeypatch, capsys):
+    from train import main as train_main
+
+    for k in distributed.ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    assert train_main.main(["--config=configs/grpo.py", "--config.distributed.num_processes=2",
+                            "--config.distributed.process_id=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: JAX_NUM_PROCESSES, JAX_PROCESS_ID set but JAX_COORDINATOR_ADDRESS not")
+    assert train_main.main(["--config=configs/grpo.py", "--config.distributed.process_id=-2"]) == 2
+    assert "config.distributed.process_id=-2" in capsys.readouterr().err
+
+
 def test_one_process_without_settings():
     assert distributed.initialize() is False and jax.process_count() == 1
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -137,19 +151,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list, processes: int, timeout: float = 600) -> list:
+def _launch(args: list, processes: int, timeout: float = 600, via_config: bool = False) -> list:
     """Runs `python <args>` as one job of `processes` processes sharing GLOBAL_DEVICES CPU devices;
-    returns each process's stdout. Fails with every process's stderr when one fails or hangs."""
+    returns each process's stdout. Fails with every process's stderr when one fails or hangs.
+    via_config: pass the process settings as train.main's --config.distributed.* flags."""
     port = _free_port()
     procs = []
     for pid in range(processes):
         env = {k: v for k, v in os.environ.items() if k not in distributed.ENV_VARS}
         env.update(JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={GLOBAL_DEVICES // processes}")
-        if processes > 1:
+        extra = []
+        if processes > 1 and via_config:
+            extra = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     f"--config.distributed.num_processes={processes}",
+                     f"--config.distributed.process_id={pid}"]
+        elif processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                        JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, text=True,
+        procs.append(subprocess.Popen([sys.executable] + args + extra, cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     deadline = time.time() + timeout
     # A process that fails leaves the others waiting in a collective: stop them all.
@@ -291,7 +311,7 @@ def test_sft_run_on_two_processes_equals_one(tiny_dir, tmp_path):
             "optimizer.learning_rate": 0.005}
     runs = {n: tmp_path / f"sft{n}" for n in (1, 2)}
     for n, run in runs.items():
-        _launch(_main_args(tiny_dir, run, config="configs/sft.py", **over), processes=n)
+        _launch(_main_args(tiny_dir, run, config="configs/sft.py", **over), processes=n, via_config=True)
     one, two = _lines(runs[1]), _lines(runs[2])
     assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2, 3, 3]
     for a, b in zip(one[:3], two[:3]):
