@@ -32,6 +32,10 @@ setup(
         "matplotlib>=3.8",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # Standard benchmarks (playpen_jax.tasks), read as array_record files without TensorFlow.
+        "tensorflow-datasets>=4.9",
+        "array_record>=0.5",
+        "importlib_resources>=6.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "hypothesis>=6.100",
@@ -45,6 +49,5 @@ setup(
         "gpu": ["jax[cuda12]"],
         # Peers in benchmarks/ (llama.cpp); `make bench` builds it with portable CPU flags.
         "bench": ["llama-cpp-python>=0.3"],
-        "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
     },
 )
