@@ -17,8 +17,9 @@ def get_config() -> ConfigDict:
     c.games.learner_roles = "2"
     c.dpo = ConfigDict()
     c.dpo.beta = 0.1
-    c.dpo.kind = "sigmoid"          # "sigmoid" | "ipo"
+    c.dpo.kind = "sigmoid"          # "sigmoid" | "ipo" | "orpo" | "simpo" (the last two: no reference)
     c.dpo.label_smoothing = 0.0     # > 0: conservative DPO
+    c.dpo.gamma = 0.5               # SimPO's target margin (kind "simpo"; ORPO's lambda is beta)
     c.dpo.branches = 3              # sampled continuations at the branching turn
     c.dpo.teacher_branches = 1      # strong programmatic replies added as branches
     c.dpo.prefix_episodes = 8       # episodes branched per round of pair collection

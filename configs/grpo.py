@@ -23,6 +23,7 @@ def get_config() -> ConfigDict:
     c.grpo.kl = "k3"                # "k1" | "k2" | "k3" | "none"
     c.grpo.aggregation = "token-mean"  # "token-mean" (DAPO) | "sequence-mean" (GRPO) | "sequence-sum-norm"
     c.grpo.advantage_scale = "std"  # "std" | "none" (Dr. GRPO)
+    c.grpo.ratio_level = "token"    # "token" | "sequence" (GSPO: one clipped ratio per sequence)
     c.grpo.updates_per_batch = 1    # optimizer steps per rollout batch (old log-probs from the sampler)
     c.grpo.drop_zero_variance = True  # leave out groups whose rewards are all equal (no signal)
     return c

@@ -246,6 +246,10 @@ def validate(c: ConfigDict) -> ConfigDict:
         _choice(c, "grpo.aggregation", ("token-mean", "sequence-mean", "sequence-sum-norm"))
         _choice(c, "grpo.advantage_scale", ("std", "none"))
         _num(c, "grpo.updates_per_batch", lo=1, integer=True)
+        _choice(c, "grpo.ratio_level", ("token", "sequence"))
+        _require(not (c.grpo.ratio_level == "sequence" and c.grpo.aggregation == "token-mean"),
+                 "grpo.ratio_level", c.grpo.ratio_level,
+                 "'sequence' (GSPO) averages over sequences: use grpo.aggregation=sequence-mean")
     if c.method == "sft":
         _require(isinstance(c.sft.source, str) and c.sft.source != "", "sft.source", c.sft.source,
                  "must be 'strong' or a records directory")
@@ -253,10 +257,11 @@ def validate(c: ConfigDict) -> ConfigDict:
         _num(c, "sft.batch_size", lo=1, integer=True)
     if c.method == "dpo":
         _num(c, "dpo.beta", lo=0, lo_open=True)
-        _choice(c, "dpo.kind", ("sigmoid", "ipo"))
+        _choice(c, "dpo.kind", ("sigmoid", "ipo", "orpo", "simpo"))
+        _num(c, "dpo.gamma", lo=0)
         _num(c, "dpo.label_smoothing", lo=0)
         _require(c.dpo.label_smoothing < 0.5, "dpo.label_smoothing", c.dpo.label_smoothing, "must be < 0.5")
-        _require(not (c.dpo.kind == "ipo" and c.dpo.label_smoothing), "dpo.label_smoothing",
+        _require(not (c.dpo.kind != "sigmoid" and c.dpo.label_smoothing), "dpo.label_smoothing",
                  c.dpo.label_smoothing, "applies to kind 'sigmoid' only")
         _num(c, "dpo.branches", lo=0, integer=True)
         _num(c, "dpo.teacher_branches", lo=0, integer=True)

@@ -22,6 +22,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from games import registry
@@ -32,17 +33,19 @@ from train import losses
 
 
 def make_loss_fn(model_config, d):
-    beta, kind, smoothing = float(d.beta), d.kind, float(d.label_smoothing)
+    beta, kind, smoothing, gamma = float(d.beta), d.kind, float(d.label_smoothing), float(d.gamma)
 
     def loss_fn(params, mb, extra):
         def sums(prefix):
             lp, mask = losses.sequence_logprobs(params, mb[prefix + "tokens"], mb[prefix + "positions"],
                                                 mb[prefix + "segment_ids"], mb[prefix + "loss_mask"],
                                                 config=model_config)
-            return losses.sequence_sums(lp, mask)
+            return losses.sequence_sums(lp, mask), jnp.sum(mask, axis=-1)
 
-        return losses.dpo_loss(sums("c_"), sums("r_"), mb["c_ref_logprob"], mb["r_ref_logprob"],
-                               beta=beta, kind=kind, label_smoothing=smoothing, mask=mb["c_valid"])
+        (chosen, n_chosen), (rejected, n_rejected) = sums("c_"), sums("r_")
+        return losses.dpo_loss(chosen, rejected, mb["c_ref_logprob"], mb["r_ref_logprob"],
+                               beta=beta, kind=kind, label_smoothing=smoothing, mask=mb["c_valid"],
+                               chosen_tokens=n_chosen, rejected_tokens=n_rejected, gamma=gamma)
 
     return loss_fn
 
@@ -137,8 +140,9 @@ def collect_pairs(r, round_index: int) -> tuple[list, dict]:
 
 
 def add_reference_logprobs(r, pairs: list) -> None:
-    """Sets each sequence's `ref_logprob`: log p_ref of its reply tokens."""
-    if not pairs:
+    """Sets each sequence's `ref_logprob`: log p_ref of its reply tokens (reference-free losses:
+    none is computed, and the run holds no reference model)."""
+    if not pairs or r.c.dpo.kind in losses.REFERENCE_FREE:
         return
     seqs = [s for p in pairs for s in p]
     # replicated output: every process reads all sums (the rows are sharded over processes)

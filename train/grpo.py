@@ -41,10 +41,13 @@ def make_loss_fn(model_config: LlamaConfig, c: ConfigDict, max_tokens: int):
             ref, _ = losses.sequence_logprobs(extra["ref_params"], mb["tokens"], mb["positions"],
                                               mb["segment_ids"], mb["loss_mask"], config=model_config)
             ref = jax.lax.stop_gradient(ref)
-        loss, metrics = losses.grpo_loss(lp, mb["old_logprobs"], ref, mb["token_advantages"], mask,
+        # GSPO's sequence ratio needs one advantage per row (rows then hold one sequence each:
+        # the config requires a per-sequence aggregation, which packs nothing)
+        adv = mb["advantages"] if g.ratio_level == "sequence" else mb["token_advantages"]
+        loss, metrics = losses.grpo_loss(lp, mb["old_logprobs"], ref, adv, mask,
                                          clip_eps=float(g.clip_eps), clip_eps_high=eps_high,
                                          beta=float(g.beta), kl=g.kl, aggregation=g.aggregation,
-                                         max_tokens=float(max_tokens))
+                                         max_tokens=float(max_tokens), ratio_level=g.ratio_level)
         return loss, metrics
 
     return loss_fn

@@ -26,7 +26,7 @@ from playpen_jax.checkpoint import Checkpointer
 from playpen_jax.config import to_json
 from playpen_jax.metrics import MetricWriter, plot_curves
 from playpen_jax.rollout import ModelPolicy, play
-from train import dpo, grpo, sft
+from train import dpo, grpo, losses, sft
 from train import step as train_step
 
 # Config keys that may change between a run and its resumption without changing its path.
@@ -128,7 +128,7 @@ class Run:
         self.start = 0
         self.state = self._init_or_restore(abstract_params)
         needs_ref = (c.games.partner == "reference" or (c.method == "grpo" and grpo.uses_reference(c))
-                     or c.method == "dpo")
+                     or (c.method == "dpo" and c.dpo.kind not in losses.REFERENCE_FREE))
         self.ref_params = self.model.params if needs_ref else None
         if not needs_ref:
             self.model.params = None  # the state holds the trained copy; free the loaded one

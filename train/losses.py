@@ -30,7 +30,9 @@ from models.config import LlamaConfig
 ADVANTAGE_SCALES = ("std", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3", "none")
 AGGREGATIONS = ("token-mean", "sequence-mean", "sequence-sum-norm")
-DPO_KINDS = ("sigmoid", "ipo")
+DPO_KINDS = ("sigmoid", "ipo", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")   # preference losses that need no reference model
+RATIO_LEVELS = ("token", "sequence")
 
 
 def _check_option(name: str, value, allowed: Sequence[str]) -> None:
@@ -253,6 +255,7 @@ def grpo_loss(
     kl: str = "k3",
     aggregation: str = "token-mean",
     max_tokens: Optional[float] = None,
+    ratio_level: str = "token",
 ) -> tuple[jax.Array, dict]:
     """The GRPO objective (Shao et al. 2024, DeepSeekMath), negated to be minimised.
 
@@ -274,6 +277,12 @@ def grpo_loss(
     where N' counts the sequences with at least one masked token, and max_tokens is a constant
     (e.g. the generation budget), required by "sequence-sum-norm".
 
+    ratio_level="sequence" is GSPO (Zheng et al. 2025): one ratio per sequence, the geometric mean
+    of its token ratios, s_i = exp(1/|o_i| sum_t (logprobs - old_logprobs)), clipped per sequence:
+        pg_loss = -1/N' sum_i min(s_i A_i, clip(s_i, 1 - clip_eps, 1 + clip_eps_high) A_i)
+    (advantages must be [N]; the KL part is aggregated as above; clip_fraction and ratio_mean are
+    then over sequences).
+
     At r = 1 (one update per batch) the gradient of the surrogate part is the REINFORCE gradient
     -A * grad log pi, aggregated as above. Returns (loss, metrics), metrics over masked tokens:
     "clip_fraction" (share of tokens where the clip is active, i.e. r < 1 - clip_eps with A < 0 or
@@ -284,6 +293,9 @@ def grpo_loss(
     """
     _check_option("kl", kl, KL_ESTIMATORS)
     _check_option("aggregation", aggregation, AGGREGATIONS)
+    _check_option("ratio_level", ratio_level, RATIO_LEVELS)
+    if ratio_level == "sequence" and jnp.ndim(advantages) != 1:
+        raise ValueError("ratio_level='sequence' (GSPO) needs one advantage per sequence: [N]")
     if aggregation == "sequence-sum-norm":
         if max_tokens is None or (_is_concrete_number(max_tokens) and max_tokens <= 0):
             raise ValueError(f"aggregation='sequence-sum-norm' needs a positive max_tokens, "
@@ -313,7 +325,17 @@ def grpo_loss(
     else:
         kl_t = jnp.zeros_like(logprobs)
 
-    pg_loss = _aggregate(-surrogate, mask, aggregation, max_tokens)
+    if ratio_level == "sequence":
+        lengths = jnp.sum(mask, axis=-1)
+        has = (lengths > 0).astype(jnp.float32)
+        seq_ratio = jnp.exp(_safe_div(jnp.sum((logprobs - old_logprobs) * mask, axis=-1), lengths))
+        seq_surrogate = jnp.minimum(seq_ratio * advantages,
+                                    jnp.clip(seq_ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages)
+        pg_loss = _safe_div(jnp.sum(-seq_surrogate * has), jnp.sum(has))
+        seq_clipped = (((seq_ratio < 1.0 - eps_low) & (advantages < 0))
+                       | ((seq_ratio > 1.0 + eps_high) & (advantages > 0))).astype(jnp.float32)
+    else:
+        pg_loss = _aggregate(-surrogate, mask, aggregation, max_tokens)
     kl_loss = _aggregate(kl_t, mask, aggregation, max_tokens) if use_kl_loss else jnp.float32(0.0)
     loss = pg_loss + (beta * kl_loss if use_kl_loss else 0.0)
 
@@ -327,10 +349,15 @@ def grpo_loss(
         advantage_mean = _safe_div(jnp.sum(advantages * has_tokens), jnp.sum(has_tokens))
     else:
         advantage_mean = token_mean(advantages)
+    if ratio_level == "sequence":
+        clip_fraction = _safe_div(jnp.sum(seq_clipped * has), jnp.sum(has))
+        ratio_mean = _safe_div(jnp.sum(seq_ratio * has), jnp.sum(has))
+    else:
+        clip_fraction, ratio_mean = token_mean(clipped.astype(jnp.float32)), token_mean(ratio)
     metrics = {
-        "clip_fraction": token_mean(clipped.astype(jnp.float32)),
+        "clip_fraction": clip_fraction,
         "kl": token_mean(kl_t),
-        "ratio_mean": token_mean(ratio),
+        "ratio_mean": ratio_mean,
         "advantage_mean": advantage_mean,
         "tokens": tokens,
         "pg_loss": pg_loss,
@@ -346,13 +373,16 @@ def grpo_loss(
 def dpo_loss(
     policy_chosen: jax.Array,
     policy_rejected: jax.Array,
-    ref_chosen: jax.Array,
-    ref_rejected: jax.Array,
+    ref_chosen: Optional[jax.Array],
+    ref_rejected: Optional[jax.Array],
     *,
     beta: float = 0.1,
     kind: str = "sigmoid",
     label_smoothing: float = 0.0,
     mask: Optional[jax.Array] = None,
+    chosen_tokens: Optional[jax.Array] = None,
+    rejected_tokens: Optional[jax.Array] = None,
+    gamma: float = 0.5,
 ) -> tuple[jax.Array, dict]:
     """Preference losses over per-sequence log-probs [N] (see `sequence_sums`) of N pairs.
 
@@ -364,19 +394,33 @@ def dpo_loss(
                    Paradigm...": their empirical loss with h = h_pi and tau = beta). The paper's h
                    uses whole-sequence log-probs; some libraries (TRL) pass per-token means
                    instead: that is the caller's choice of inputs.
+    Reference-free kinds (ref_chosen / ref_rejected unused, may be None), which need the counted
+    tokens of each sequence, chosen_tokens / rejected_tokens [N]; with the per-token means
+    a_w = policy_chosen / chosen_tokens and a_l = policy_rejected / rejected_tokens:
+        "simpo":   -log sigmoid(beta (a_w - a_l) - gamma)     SimPO (Meng et al. 2024), margin gamma
+        "orpo":    -a_w - beta log sigmoid(log odds_w - log odds_l)
+                   ORPO (Hong et al. 2024): the SFT loss on the chosen reply plus beta (their
+                   lambda) times the odds-ratio term, with odds(y) = P / (1 - P) of the
+                   length-normalised P = exp(a), so log odds = a - log(1 - exp(a)).
     averaged over the pairs (mask: optional [N], 0 for padding pairs). Metrics (means over pairs),
     with the implicit rewards chosen_reward = beta (policy_chosen - ref_chosen) and likewise for
-    rejected: "chosen_reward", "rejected_reward", "reward_margin" (their difference), "accuracy"
-    (share of pairs with chosen_reward > rejected_reward).
+    rejected (reference-free kinds: beta a_w and beta a_l): "chosen_reward", "rejected_reward",
+    "reward_margin" (their difference), "accuracy" (share of pairs with chosen_reward >
+    rejected_reward); ORPO adds "sft_loss" and "log_odds_ratio".
     """
     _check_option("kind", kind, DPO_KINDS)
+    free = kind in REFERENCE_FREE
+    if free and (chosen_tokens is None or rejected_tokens is None):
+        raise ValueError(f"kind={kind!r} needs chosen_tokens and rejected_tokens (token counts)")
+    if not free and (ref_chosen is None or ref_rejected is None):
+        raise ValueError(f"kind={kind!r} needs the reference log-probs ref_chosen and ref_rejected")
     if _is_concrete_number(beta) and beta <= 0:
         raise ValueError(f"beta={beta!r} must be positive")
     if _is_concrete_number(label_smoothing):
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 0.5)")
-        if kind == "ipo" and label_smoothing != 0:
-            raise ValueError("label_smoothing is only defined for kind='sigmoid', not kind='ipo'")
+        if kind != "sigmoid" and label_smoothing != 0:
+            raise ValueError(f"label_smoothing is only defined for kind='sigmoid', not kind={kind!r}")
     n = jnp.shape(policy_chosen)[0]
     weight = jnp.ones((n,), jnp.float32) if mask is None else (_f32(mask) != 0).astype(jnp.float32)
     pairs = jnp.sum(weight)
@@ -387,15 +431,34 @@ def dpo_loss(
     def mean(x):
         return _safe_div(jnp.sum(x * weight), pairs)
 
-    chosen_logratio = real(policy_chosen) - jax.lax.stop_gradient(real(ref_chosen))
-    rejected_logratio = real(policy_rejected) - jax.lax.stop_gradient(real(ref_rejected))
-    margin = chosen_logratio - rejected_logratio
-    if kind == "sigmoid":
-        z = beta * margin
-        losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z)
-                  - label_smoothing * jax.nn.log_sigmoid(-z))
+    extra = {}
+    if free:
+        def per_token(sums, count):
+            return real(sums) / jnp.maximum(jnp.where(weight != 0, _f32(count), 1.0), 1.0)
+
+        chosen_logratio = per_token(policy_chosen, chosen_tokens)     # a_w
+        rejected_logratio = per_token(policy_rejected, rejected_tokens)   # a_l
+        if kind == "simpo":
+            losses = -jax.nn.log_sigmoid(beta * (chosen_logratio - rejected_logratio) - gamma)
+        else:
+            def log_odds(a):   # log(P / (1 - P)) with P = exp(a), a < 0; clamped below 0 for safety
+                a = jnp.minimum(a, -1e-6)
+                return a - jnp.log(-jnp.expm1(a))
+
+            ratio = log_odds(chosen_logratio) - log_odds(rejected_logratio)
+            sft = -chosen_logratio
+            losses = sft - beta * jax.nn.log_sigmoid(ratio)
+            extra = {"sft_loss": mean(sft), "log_odds_ratio": mean(ratio)}
     else:
-        losses = (margin - 1.0 / (2.0 * beta)) ** 2
+        chosen_logratio = real(policy_chosen) - jax.lax.stop_gradient(real(ref_chosen))
+        rejected_logratio = real(policy_rejected) - jax.lax.stop_gradient(real(ref_rejected))
+        margin = chosen_logratio - rejected_logratio
+        if kind == "sigmoid":
+            z = beta * margin
+            losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z)
+                      - label_smoothing * jax.nn.log_sigmoid(-z))
+        else:
+            losses = (margin - 1.0 / (2.0 * beta)) ** 2
 
     chosen_reward = jax.lax.stop_gradient(beta * chosen_logratio)
     rejected_reward = jax.lax.stop_gradient(beta * rejected_logratio)
@@ -405,5 +468,6 @@ def dpo_loss(
         "reward_margin": mean(chosen_reward - rejected_reward),
         "accuracy": mean((chosen_reward > rejected_reward).astype(jnp.float32)),
         "pairs": pairs,
+        **extra,
     }
     return mean(losses), metrics

@@ -227,6 +227,20 @@ def test_group_advantages_mask_and_too_few_groups():
         losses.group_advantages(rewards, ids, num_groups=1)
 
 
+def _against_numpy(loss_fn, np_fn, inputs, garbage, kwargs):
+    """Checks loss_fn's loss and metrics against np_fn on inputs (padding filled with garbage that
+    must not leak in); returns (metrics with "loss", gradient w.r.t. the log-probs)."""
+    lp, old, ref, adv, mask = inputs
+    fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, metrics), grad = fn(lp + garbage, old - garbage, ref + garbage, adv, mask)
+    want_loss, want = np_fn(lp, old, ref, adv, mask, **kwargs)
+    close(loss, want_loss)
+    for key, value in want.items():
+        close(metrics[key], value, atol=1e-6)
+    assert 0 < float(metrics["clip_fraction"]) < 1
+    return {**metrics, "loss": loss}, grad
+
+
 def _grpo_inputs(seed=4, n=5, t=8):
     rng = np.random.default_rng(seed)
     old = -rng.exponential(1.5, size=(n, t)).astype(np.float32)
@@ -246,13 +260,8 @@ def test_grpo_loss_matches_numpy(aggregation, kl, clip_high):
     garbage = np.where(mask > 0, 0, 1e4).astype(np.float32)
     kwargs = dict(clip_eps=0.2, clip_eps_high=clip_high, beta=0.04, kl=kl, aggregation=aggregation,
                   max_tokens=8.0 if aggregation == "sequence-sum-norm" else None)
-    fn = jax.jit(jax.value_and_grad(functools.partial(losses.grpo_loss, **kwargs), has_aux=True))
-    (loss, metrics), grad = fn(lp + garbage, old - garbage, ref + garbage, adv, mask)
-    want_loss, want = np_grpo(lp, old, ref, adv, mask, **kwargs)
-    close(loss, want_loss)
-    for key, value in want.items():
-        close(metrics[key], value, atol=1e-6)
-    assert 0 < float(metrics["clip_fraction"]) < 1
+    metrics, grad = _against_numpy(functools.partial(losses.grpo_loss, **kwargs), np_grpo,
+                                   (lp, old, ref, adv, mask), garbage, kwargs)
     assert np.isfinite(np.asarray(grad)).all()
     assert np.all(np.asarray(grad)[mask == 0] == 0) and np.any(np.asarray(grad) != 0)
 
@@ -475,3 +484,93 @@ def test_chunked_head_and_remat_give_the_plain_values_and_gradients():
     want = np.take_along_axis(np.asarray(ref), np.asarray(tokens[:, 1:])[..., None], -1)[..., 0]
     m = np.asarray(lp0[:, 1:] != 0)
     np.testing.assert_allclose(np.asarray(lp1[:, 1:])[m], want[m], rtol=1e-5, atol=1e-5)
+
+
+# ----- GSPO, SimPO, ORPO (issue: post-training variants) -----------------------------------------
+
+def np_gspo(lp, old, ref, adv, mask, clip_eps, clip_eps_high, beta, kl, aggregation, max_tokens):
+    """GSPO's sequence-level objective, written from the paper's formula; KL as in np_grpo."""
+    lp, old, adv, mask = (np.asarray(a, np.float64) for a in (lp, old, adv, mask))
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    terms, clipped, ratios = [], [], []
+    for i in range(lp.shape[0]):
+        m = mask[i] > 0
+        if not m.any():
+            continue
+        s = np.exp(np.mean(lp[i, m] - old[i, m]))   # geometric mean of the token ratios
+        unclipped, clipped_s = s * adv[i], min(max(s, 1 - clip_eps), 1 + hi) * adv[i]
+        terms.append(-min(unclipped, clipped_s))
+        clipped.append(float(clipped_s < unclipped))
+        ratios.append(s)
+    # the KL part alone: np_grpo with zero advantages has surrogate -r*0 = 0
+    _, kl_metrics = np_grpo(lp, old, ref, np.zeros_like(adv), mask, clip_eps, clip_eps_high, beta, kl,
+                            aggregation, max_tokens)
+    kl_only, _ = np_grpo(lp, old, ref, np.zeros_like(adv), mask, clip_eps, clip_eps_high, beta, kl,
+                         aggregation, max_tokens)
+    return np.mean(terms) + kl_only, {"clip_fraction": np.mean(clipped), "ratio_mean": np.mean(ratios),
+                                      "kl": kl_metrics["kl"]}
+
+
+@pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
+@pytest.mark.parametrize("clip_high", [None, 0.3])
+def test_gspo_sequence_ratio_matches_numpy(aggregation, clip_high):
+    lp, old, ref, adv, mask = _grpo_inputs(seed=11, n=6, t=9)
+    shift = np.array([[0.5], [-0.4], [0.05], [-0.05], [0.3], [-0.3]])   # per-sequence log-ratio shifts
+    lp = (lp + shift).astype(np.float32)   # some sequence ratios beyond the clip range, some within
+    garbage = np.where(mask > 0, 0, 1e4).astype(np.float32)
+    kwargs = dict(clip_eps=0.2, clip_eps_high=clip_high, beta=0.04, kl="k3", aggregation=aggregation,
+                  max_tokens=9.0 if aggregation == "sequence-sum-norm" else None)
+    metrics, grad = _against_numpy(functools.partial(losses.grpo_loss, ratio_level="sequence", **kwargs),
+                                   np_gspo, (lp, old, ref, adv, mask), garbage, kwargs)
+    loss = metrics["loss"]
+    g = np.asarray(grad)
+    assert np.isfinite(g).all() and np.all(g[mask == 0] == 0) and np.any(g != 0)
+    # it differs from token-level GRPO on the same inputs
+    token_loss, _ = losses.grpo_loss(lp, old, ref, adv, mask, **kwargs)
+    assert abs(float(token_loss) - float(loss)) > 1e-4
+    with pytest.raises(ValueError, match="one advantage per sequence"):
+        losses.grpo_loss(lp, old, ref, np.ones_like(lp), mask, ratio_level="sequence")
+
+
+def _reference_free_inputs(seed=5, n=6):
+    rng = np.random.default_rng(seed)
+    tc, tr = (rng.integers(1, 30, size=n).astype(np.float32) for _ in range(2))
+    pc = (-rng.uniform(0.2, 3.0, size=n) * tc).astype(np.float32)
+    pr = (-rng.uniform(0.2, 3.0, size=n) * tr).astype(np.float32)
+    return pc, pr, tc, tr
+
+
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reference_free_preference_losses_match_numpy(kind):
+    pc, pr, tc, tr = _reference_free_inputs()
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
+    pc_bad = np.where(mask > 0, pc, np.nan).astype(np.float32)   # a padding pair may hold anything
+    beta, gamma = (2.0, 0.8) if kind == "simpo" else (0.25, 0.0)
+    fn = functools.partial(losses.dpo_loss, beta=beta, kind=kind, gamma=gamma, mask=mask)
+    (loss, m), grads = jax.value_and_grad(
+        lambda c, r: fn(c, r, None, None, chosen_tokens=tc, rejected_tokens=tr), argnums=(0, 1),
+        has_aux=True)(pc_bad, pr)
+    a_w, a_l = (np.asarray(x, np.float64) / np.asarray(t, np.float64) for x, t in ((pc, tc), (pr, tr)))
+    keep = mask > 0
+    if kind == "simpo":
+        per = -np_log_sigmoid(beta * (a_w - a_l) - gamma)
+    else:
+        def log_odds(a):
+            p = np.exp(a)
+            return np.log(p / (1 - p))
+
+        ratio = log_odds(a_w) - log_odds(a_l)
+        per = -a_w - beta * np_log_sigmoid(ratio)
+        close(m["log_odds_ratio"], ratio[keep].mean())
+        close(m["sft_loss"], (-a_w)[keep].mean())
+    close(loss, per[keep].mean())
+    close(m["accuracy"], np.mean((a_w > a_l)[keep]))
+    close(m["chosen_reward"], (beta * a_w)[keep].mean())
+    g_c, g_r = (np.asarray(g) for g in grads)
+    assert np.isfinite(g_c).all() and np.isfinite(g_r).all()
+    assert np.all(g_c[keep] < 0) and np.all(g_r[keep] > 0)   # chosen pushed up, rejected down
+    assert g_c[~keep].item() == 0 and g_r[~keep].item() == 0
+    with pytest.raises(ValueError, match="token counts"):
+        losses.dpo_loss(pc, pr, None, None, kind=kind)
+    with pytest.raises(ValueError, match="reference log-probs"):
+        losses.dpo_loss(pc, pr, None, None, kind="sigmoid")

@@ -366,6 +366,38 @@ def test_dpo_run_pairs_branches_and_learns(tiny_dir, tmp_path):
     assert [m["step"] for m in _metrics(run)] == list(range(1, 10))
 
 
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reference_free_preference_runs_learn(tiny_dir, tmp_path, kind):
+    """SimPO and ORPO by config: no reference log-probs are computed (the pairs keep 0) and the
+    chosen replies' per-token log-prob rises above the rejected ones'."""
+    run = tmp_path / kind
+    argv = _args(tiny_dir, run, config="configs/dpo.py", **{
+        "steps": 6, "dpo.kind": kind, "dpo.beta": 2.0 if kind == "simpo" else 0.5, "dpo.gamma": 0.5,
+        "dpo.prefix_episodes": 8, "dpo.branches": 3, "dpo.teacher_branches": 1, "dpo.pairs_per_step": 4,
+        "optimizer.learning_rate": 0.003, "eval.at_start": False, "export.hf": False,
+        "checkpoint.every": 0})
+    assert train_main.main(argv) == 0
+    rounds = json.loads((run / "dpo_pairs" / "round_0.json").read_text())
+    assert rounds["pairs"] and all(x["ref_logprob"] == 0.0 for p in rounds["pairs"] for x in p)
+    train = _metrics(run)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.05
+    assert train[-1]["reward_margin"] > train[0]["reward_margin"] and train[-1]["accuracy"] == 1.0
+    if kind == "orpo":
+        assert "sft_loss" in train[-1] and train[-1]["log_odds_ratio"] > train[0]["log_odds_ratio"]
+
+
+def test_gspo_run(tiny_dir, tmp_path):
+    run = tmp_path / "gspo"
+    argv = _args(tiny_dir, run, **{"steps": 2, "grpo.ratio_level": "sequence", "grpo.group_size": 8,
+                                   "grpo.groups_per_step": 2, "grpo.aggregation": "sequence-mean",
+                                   "eval.at_start": False, "export.hf": False, "checkpoint.every": 0})
+    assert train_main.main(argv) == 0
+    updated = [m for m in _metrics(run) if "loss" in m]
+    assert updated and all(np.isfinite(m["loss"]) and 0 <= m["clip_fraction"] <= 1 for m in updated)
+    bad = _args(tiny_dir, tmp_path / "bad", **{"grpo.ratio_level": "sequence"})
+    assert train_main.main(bad) == 2   # GSPO with token-mean aggregation: one clear line
+
+
 def test_checkpoint_written_by_a_run_restores(tiny_dir, tmp_path):
     run = tmp_path / "ck"
     assert train_main.main(_args(tiny_dir, run, steps=1, **{"grpo.group_size": 2, "grpo.groups_per_step": 1,
