@@ -12,10 +12,10 @@ network, then copied. The newest version folder under DIR/<name>[/<config>]/ is 
 
 Multiple choice (`kind="choice"`): for each choice, the sum of the log-probs of its tokens given the
 context (context and choice encoded apart and joined; no chat template, as usual for these
-benchmarks). `acc`: the choice with the highest sum is the answer; `acc_norm`: the highest sum per
-byte of the choice's text. Generation (`kind="generate"`): greedy reply to the question in the
-model's chat template; the answer is parsed from the reply (for gsm8k the last number) and compared
-with the reference.
+benchmarks; WinoGrande scores each whole sentence with the option filled in). `acc`: the choice
+with the highest sum is the answer; `acc_norm`: the highest sum per byte of the choice's text.
+Generation (`kind="generate"`): greedy reply to the question in the model's chat template; the
+answer is parsed from the reply (for gsm8k the last number) and compared with the reference.
 """
 
 from __future__ import annotations
@@ -84,13 +84,12 @@ def _piqa(ex: dict) -> ChoiceItem:
 
 
 def _winogrande(ex: dict) -> ChoiceItem:
-    """Partial scoring: the context is the sentence up to the blank with each option filled in, and
-    the continuation scored is the rest of the sentence, the same for both options."""
+    """Full-sentence scoring: each choice is the whole sentence with one option in the blank."""
     sentence = _text(ex["sentence"])
     if "_" not in sentence:
         raise TaskError(f"winogrande example without a blank: {sentence[:80]!r}")
     head, tail = sentence.split("_", 1)
-    return ChoiceItem("", tuple(f"{head}{_text(ex[k])}\t{tail}" for k in ("option1", "option2")),
+    return ChoiceItem("", tuple(f"{head}{_text(ex[k])}{tail}" for k in ("option1", "option2")),
                       int(ex["label"]))
 
 

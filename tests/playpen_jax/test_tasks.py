@@ -92,6 +92,24 @@ def test_items_come_from_the_array_record_files(data_dir):
     assert sorted(it.answer for it in gen) == ["1234", "4.5", "7"]
 
 
+def test_other_tasks_decode_their_tfds_examples():
+    hs = tasks.TASKS["hellaswag"].to_item({"context": b"A man lifts a bar.", "endings": [b"He drops it.",
+                                                                                           b"It sings."],
+                                          "label": 0, "activity_label": b"", "split_type": b"",
+                                          "source_id": b""})
+    assert hs == tasks.ChoiceItem("A man lifts a bar.", (" He drops it.", " It sings."), 0)
+    pq = tasks.TASKS["piqa"].to_item({"id": b"0", "goal": b"Open a jar", "sol1": b"twist", "sol2": b"bite",
+                                      "label": 1})
+    assert pq.choices == (" twist", " bite") and pq.answer == 1 and pq.context.endswith("Answer:")
+    wg = tasks.TASKS["winogrande"].to_item({"sentence": b"The cup fell off the table because _ was round.",
+                                            "option1": b"the cup", "option2": b"the table", "label": 0})
+    assert wg == tasks.ChoiceItem("", ("The cup fell off the table because the cup was round.",
+                                       "The cup fell off the table because the table was round."), 0)
+    with pytest.raises(tasks.TaskError, match="without a blank"):
+        tasks.TASKS["winogrande"].to_item({"sentence": b"no blank", "option1": b"a", "option2": b"b",
+                                           "label": 0})
+
+
 def test_choice_loglikelihoods_equal_a_plain_forward(data_dir, tiny):
     from models import llama
 
