@@ -36,7 +36,7 @@ from models import llama  # noqa: E402
 from playpen_jax import buffers, checkpoint  # noqa: E402
 from playpen_jax import sharding as shd  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from train import losses  # noqa: E402
+from tests.train.helpers import grpo_loss_fn, optimizer  # noqa: E402
 from train import step as train_step  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -57,25 +57,6 @@ def sequences(cfg) -> list:
 def shares(n_seqs: int) -> list:
     """Uneven shares: process 0 gets the first six (all short), process 1 the rest (both long ones)."""
     return [(0, 6), (6, n_seqs)]
-
-
-def optimizer():
-    from ml_collections import ConfigDict
-
-    return train_step.make_optimizer(ConfigDict(dict(learning_rate=1e-2, schedule="constant", warmup_steps=0,
-                                                     b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,
-                                                     grad_clip=1.0)), 10)
-
-
-def grpo_loss(cfg, aggregation):
-    def loss_fn(params, mb, extra):
-        lp, mask = losses.sequence_logprobs(params, mb["tokens"], mb["positions"], mb["segment_ids"],
-                                            mb["loss_mask"], config=cfg)
-        ref, _ = losses.sequence_logprobs(extra["ref"], mb["tokens"], mb["positions"], mb["segment_ids"],
-                                          mb["loss_mask"], config=cfg)
-        return losses.grpo_loss(lp, mb["old_logprobs"], ref, mb["token_advantages"], mask, beta=0.1,
-                                aggregation=aggregation)
-    return loss_fn
 
 
 def host_copy(tree, mesh) -> dict:
@@ -106,7 +87,7 @@ def train_two_steps(cfg, mesh, batch_for) -> tuple:
     metrics = {}
     for k, (aggregation, packed) in enumerate((("token-mean", True), ("sequence-mean", False))):
         if aggregation not in _steps:   # one process, one mesh: the same compiled steps for every call
-            _steps[aggregation] = train_step.make_train_step(grpo_loss(cfg, aggregation), opt, sh)
+            _steps[aggregation] = train_step.make_train_step(grpo_loss_fn(cfg, aggregation), opt, sh)
         step = _steps[aggregation]
         state, m = step(state, buffers.to_device(batch_for(k, packed), mesh, shards=shards), extra)
         metrics.update({f"{key}_{k}": float(v) for key, v in jax.device_get(m).items()})

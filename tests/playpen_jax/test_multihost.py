@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 from playpen_jax import buffers, distributed
 from playpen_jax import sharding as shd
+from tests.train.helpers import main_args
 from tests.train.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -260,12 +261,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def _main_args(tiny_dir, run_dir, config="configs/grpo.py", **over):
-    base = {"model.name": tiny_dir, "run_dir": str(run_dir), "games.names": "colourname",
-            "eval.games": "colourname", "eval.limit": 1, "games.learner_roles": "all",
-            "rollout.max_new_tokens": 4, "log.progress": False, "batch.max_seq_len": 128,
-            "eval.at_start": False, "checkpoint.every": 0, "log.tensorboard": False}
-    base.update(over)
-    return ["-m", "train.main", f"--config={config}"] + [f"--config.{k}={v}" for k, v in base.items()]
+    return ["-m", "train.main"] + main_args(tiny_dir, run_dir, config, **{
+        "eval.limit": 1, "eval.at_start": False, "checkpoint.every": 0, "log.tensorboard": False, **over})
 
 
 def _lines(run_dir) -> list:

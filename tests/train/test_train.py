@@ -18,8 +18,8 @@ from playpen_jax.config import ConfigError, apply_override, validate
 from playpen_jax.config import load_file as load_config
 from playpen_jax.metrics import read_jsonl
 from tests.conftest import tiny_config
+from tests.train.helpers import grpo_loss_fn, main_args, optimizer
 from tests.train.tiny_model import make_tiny_model
-from train import losses
 from train import main as train_main
 from train import step as train_step
 
@@ -30,11 +30,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _args(tiny_dir, run_dir, config="configs/grpo.py", **over):
-    base = {"model.name": tiny_dir, "run_dir": str(run_dir), "games.names": "colourname",
-            "eval.games": "colourname", "eval.limit": 3, "games.learner_roles": "all",
-            "rollout.max_new_tokens": 4, "log.progress": False, "batch.max_seq_len": 128}
-    base.update(over)
-    return [f"--config={config}"] + [f"--config.{k}={v}" for k, v in base.items()]
+    return main_args(tiny_dir, run_dir, config, **{"eval.limit": 3, **over})
 
 
 def _metrics(run_dir, split="train"):
@@ -120,27 +116,8 @@ def _random_completions(cfg, seed=0):
     return seqs
 
 
-def _optimizer():
-    from ml_collections import ConfigDict
-
-    return train_step.make_optimizer(ConfigDict(dict(learning_rate=1e-2, schedule="constant", warmup_steps=0,
-                                                     b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,
-                                                     grad_clip=1.0)), 10)
-
-
-def _grpo_loss_fn(cfg, aggregation):
-    def loss_fn(params, mb, extra):
-        lp, mask = losses.sequence_logprobs(params, mb["tokens"], mb["positions"], mb["segment_ids"],
-                                            mb["loss_mask"], config=cfg)
-        ref, _ = losses.sequence_logprobs(extra["ref"], mb["tokens"], mb["positions"], mb["segment_ids"],
-                                          mb["loss_mask"], config=cfg)
-        return losses.grpo_loss(lp, mb["old_logprobs"], ref, mb["token_advantages"], mask, beta=0.1,
-                                aggregation=aggregation)
-    return loss_fn
-
-
 def _run_step(mesh, cfg, params, ref, seqs, micro_batch, packed=False):
-    opt = _optimizer()
+    opt = optimizer()
     p_sh = train_step.param_shardings(cfg, mesh)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     sh = train_step.state_shardings(p_sh, opt, abstract, mesh)
@@ -148,7 +125,7 @@ def _run_step(mesh, cfg, params, ref, seqs, micro_batch, packed=False):
     weight_by = "tokens" if packed else "sequences"
     batch = buffers.pack(seqs, micro_batch=micro_batch, rows_multiple=buffers.rows_multiple(mesh),
                          max_len=64, weight_by=weight_by, packed=packed)
-    step = train_step.make_train_step(_grpo_loss_fn(cfg, "token-mean" if packed else "sequence-mean"),
+    step = train_step.make_train_step(grpo_loss_fn(cfg, "token-mean" if packed else "sequence-mean"),
                                       opt, sh)
     state, metrics = step(state, buffers.to_device(batch, mesh), {"ref": jax.device_put(ref, p_sh)})
     state, metrics = step(state, buffers.to_device(batch, mesh), {"ref": jax.device_put(ref, p_sh)})
@@ -156,13 +133,13 @@ def _run_step(mesh, cfg, params, ref, seqs, micro_batch, packed=False):
 
 
 def _run_step_token_mean(mesh, cfg, params, ref, seqs):
-    opt = _optimizer()
+    opt = optimizer()
     p_sh = train_step.param_shardings(cfg, mesh)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     sh = train_step.state_shardings(p_sh, opt, abstract, mesh)
     state = train_step.init_state(jax.device_put(params, p_sh), opt, sh)
     batch = buffers.pack(seqs, micro_batch=8, max_len=64, weight_by="tokens")
-    step = train_step.make_train_step(_grpo_loss_fn(cfg, "token-mean"), opt, sh)
+    step = train_step.make_train_step(grpo_loss_fn(cfg, "token-mean"), opt, sh)
     for _ in range(2):  # as `_run_step`
         state, metrics = step(state, buffers.to_device(batch, mesh), {"ref": jax.device_put(ref, p_sh)})
     return jax.device_get(metrics)
@@ -229,7 +206,7 @@ def _step_temp_bytes(mesh, cfg) -> int:
     """Temporary memory per device of the compiled train step on 16 rows x 128 tokens."""
     from models import llama
 
-    opt = _optimizer()
+    opt = optimizer()
     p_sh = train_step.param_shardings(cfg, mesh)
     abstract = jax.eval_shape(lambda: llama.init(cfg, jax.random.PRNGKey(0)))
     sh = train_step.state_shardings(p_sh, opt, abstract, mesh)
@@ -240,7 +217,7 @@ def _step_temp_bytes(mesh, cfg) -> int:
     batch = buffers.pack(seqs, micro_batch=16, rows_multiple=buffers.rows_multiple(mesh), max_len=128,
                          packed=False)
     device_batch = buffers.to_device(batch, mesh)
-    step = train_step.make_train_step(_grpo_loss_fn(cfg, "token-mean"), opt, sh)
+    step = train_step.make_train_step(grpo_loss_fn(cfg, "token-mean"), opt, sh)
     ref = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract, p_sh)
     return step.lower(state, device_batch, {"ref": ref}).compile().memory_analysis().temp_size_in_bytes
@@ -262,7 +239,7 @@ def test_nonfinite_loss_skips_the_update():
 
     cfg = tiny_config()
     params = llama.init(cfg, jax.random.PRNGKey(0))
-    opt = _optimizer()
+    opt = optimizer()
     mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
     p_sh = train_step.param_shardings(cfg, mesh)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
