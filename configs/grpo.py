@@ -26,4 +26,9 @@ def get_config() -> ConfigDict:
     c.grpo.ratio_level = "token"    # "token" | "sequence" (GSPO: one clipped ratio per sequence)
     c.grpo.updates_per_batch = 1    # optimizer steps per rollout batch (old log-probs from the sampler)
     c.grpo.drop_zero_variance = True  # leave out groups whose rewards are all equal (no signal)
+    c.grpo.dynamic_sampling = False   # DAPO: play more groups until groups_per_step have signal
+    c.grpo.max_refill_rounds = 3      # at most this many extra rounds of play per step
+    c.grpo.overlong = "none"          # "none" | "filter" (cut replies train nothing) | "penalty" (DAPO)
+    c.grpo.overlong_buffer = 16       # penalty: L_cache, the last tokens before max_new_tokens
+    c.grpo.overlong_penalty = 1.0     # penalty: its weight added to the reward
     return c

@@ -247,6 +247,13 @@ def validate(c: ConfigDict) -> ConfigDict:
         _choice(c, "grpo.advantage_scale", ("std", "none"))
         _num(c, "grpo.updates_per_batch", lo=1, integer=True)
         _choice(c, "grpo.ratio_level", ("token", "sequence"))
+        _choice(c, "grpo.overlong", ("none", "filter", "penalty"))
+        _num(c, "grpo.max_refill_rounds", lo=0, integer=True)
+        _num(c, "grpo.overlong_buffer", lo=0, integer=True)
+        _num(c, "grpo.overlong_penalty", lo=0)
+        _require(c.grpo.overlong != "penalty" or c.grpo.overlong_buffer < c.rollout.max_new_tokens,
+                 "grpo.overlong_buffer",
+                 c.grpo.overlong_buffer, "must be below rollout.max_new_tokens")
         _require(not (c.grpo.ratio_level == "sequence" and c.grpo.aggregation == "token-mean"),
                  "grpo.ratio_level", c.grpo.ratio_level,
                  "'sequence' (GSPO) averages over sequences: use grpo.aggregation=sequence-mean")

@@ -35,6 +35,7 @@ class PolicyOutput:
     prompt_ids: list       # token ids of each prompt (None when it did not fit)
     tokens: list           # sampled token ids per reply (without padding)
     logprobs: list         # log-prob of each sampled token
+    truncated: list = dataclasses.field(default_factory=list)  # reply cut at max_new_tokens
 
 
 class ModelPolicy:
@@ -71,6 +72,7 @@ class ModelPolicy:
         texts = [""] * len(chats)
         tokens: list = [[] for _ in chats]
         logprobs: list = [[] for _ in chats]
+        truncated = [False] * len(chats)
         fits = [i for i, p in enumerate(prompts) if len(p) + self.max_new_tokens <= self.limit]
         for start in range(0, len(fits), self.batch_size):
             idx = fits[start:start + self.batch_size]
@@ -87,10 +89,11 @@ class ModelPolicy:
                 n = int(out.lengths[j])
                 tokens[i] = [int(t) for t in out.tokens[j][:n]]
                 logprobs[i] = [float(x) for x in out.logprobs[j][:n]]
+                truncated[i] = out.finish_reasons[j] == "length"
                 texts[i] = out.texts[j].strip() if self.strip else out.texts[j]
         fit = set(fits)
         self.last = PolicyOutput(texts, [p if i in fit else None for i, p in enumerate(prompts)], tokens,
-                                 logprobs)
+                                 logprobs, truncated)
         return texts
 
 
@@ -101,6 +104,7 @@ class Trace:
     prompt_ids: list
     tokens: list
     logprobs: list
+    truncated: bool = False   # the reply hit max_new_tokens before a stop
 
 
 def turn_seed(episode: int, turn: int) -> int:
@@ -155,7 +159,8 @@ def play(env, learner: Callable, partner: Optional[Callable] = None,
                 replies[r.id] = texts[i]
                 trace = None
                 if isinstance(out, PolicyOutput) and out.prompt_ids[i] is not None:
-                    trace = Trace(list(out.prompt_ids[i]), list(out.tokens[i]), list(out.logprobs[i]))
+                    trace = Trace(list(out.prompt_ids[i]), list(out.tokens[i]), list(out.logprobs[i]),
+                                  bool(out.truncated[i]) if out.truncated else False)
                 traces.setdefault(r.episode_id, []).append(trace)
         if theirs:
             if partner is None:

@@ -4,8 +4,9 @@ An iteration picks `groups_per_step` training instances and plays each `group_si
 group per instance) with the current policy sampling the learner's turns. Each episode's reward
 comes from its scores (`games.env.RewardConfig`); advantages are normalised within the group
 (`train.losses.group_advantages`). A group whose rewards are all equal has zero advantages and no
-policy-gradient signal: with `drop_zero_variance` its rows are left out (DAPO's dynamic-sampling
-filter, without refilling the batch); every learner turn of the episode becomes one row (the prompt
+policy-gradient signal: with `drop_zero_variance` its rows are left out, and with
+`dynamic_sampling` (DAPO) new groups are played until the step has `groups_per_step` informative
+ones (see `collect`). Every learner turn of the episode becomes one row (the prompt
 the sampler was given + the sampled reply), and all its reply tokens carry the episode's advantage.
 Old log-probs are the sampler's own. Rows longer than `batch.max_seq_len` are left out and counted.
 """
@@ -82,6 +83,26 @@ def episode_metrics(finished) -> dict:
     }
 
 
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of one reply of `length` tokens with
+    L_max = max_new_tokens and L_cache = buffer: 0 up to L_max - L_cache tokens, then falling linearly
+    to -1 at L_max (the reply was cut there), -1 beyond."""
+    if buffer <= 0:
+        return -1.0 if length >= max_new_tokens else 0.0
+    free = max_new_tokens - buffer
+    if length <= free:
+        return 0.0
+    return -1.0 if length >= max_new_tokens else (free - length) / buffer
+
+
+def _draw(rng: np.random.Generator, pool: list, n: int) -> list:
+    picks = []
+    for _ in range(n):
+        game = pool[int(rng.integers(len(pool)))]
+        picks.append(game[int(rng.integers(len(game)))])
+    return picks
+
+
 def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_roles,
             reward_config, *, env_partner: Optional[str], shard: int = 0, shards: int = 1) -> Rollouts:
     """Plays one iteration's groups and returns the rows to train on.
@@ -90,41 +111,102 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
     shard / shards: play only block `shard` of `shards` contiguous blocks of the iteration's groups
       (each process of a multi-process run plays its own block); group ids and the programmatic
       partners' seeds are those the groups have when one process plays them all.
+
+    Rewards: the episode's reward, plus with `grpo.overlong=penalty` the mean over its learner turns
+    of `overlong_penalty` (times `grpo.overlong_penalty`). With `grpo.overlong=filter` a reply cut at
+    `rollout.max_new_tokens` trains nothing (its row is left out), though its episode still counts
+    in its group's statistics.
+
+    Dynamic sampling (`grpo.dynamic_sampling`, DAPO): while fewer than `groups_per_step` groups have
+    unequal rewards, play more groups (new draws of instances), at most `grpo.max_refill_rounds`
+    times; a round plays the missing number of groups divided by the share of informative groups
+    seen so far, at most `groups_per_step`. The first `groups_per_step` informative groups, in the
+    order they were drawn, are kept; the step trains on fewer when the rounds run out.
     """
     g = c.grpo
+    size = int(g.group_size)
+    target = int(g.groups_per_step)
     rng = np.random.default_rng([int(c.seed), int(step), 1])
-    picks = []
-    for _ in range(int(g.groups_per_step)):
-        game = pool[int(rng.integers(len(pool)))]
-        picks.append(game[int(rng.integers(len(game)))])
-    lo, hi = distributed.share(len(picks), shard, shards)
-    source = [(picks[gid], gid) for gid in range(lo, hi) for _ in range(g.group_size)]
-    env = BatchedGameEnv(iter(source), batch_size=max(1, len(source)), learner_roles=learner_roles,
-                         partner=env_partner, reward=reward_config,
-                         seed=int(c.seed) * 1_000_003 + step + lo * int(g.group_size))
-    finished = play(env, learner, partner, episode_offset=lo * int(g.group_size)) if source else []
-    finished.sort(key=lambda x: x[0].episode_id)
-    rewards = np.asarray([f.reward for f, _ in finished], np.float32)
+    max_new = int(c.rollout.max_new_tokens)
+    finished, flat_all, played = [], [], 0   # flat_all: one flag per group drawn, in draw order
+    n, rounds = target, 0
+    while True:
+        picks = _draw(rng, pool, n)
+        lo, hi = distributed.share(n, shard, shards)
+        first = played + lo   # the global number of this block's first group
+        source = [(picks[k], played + k) for k in range(lo, hi) for _ in range(size)]
+        env = BatchedGameEnv(iter(source), batch_size=max(1, len(source)), learner_roles=learner_roles,
+                             partner=env_partner, reward=reward_config,
+                             seed=int(c.seed) * 1_000_003 + step + first * size)
+        mine = play(env, learner, partner, episode_offset=first * size) if source else []
+        mine.sort(key=lambda x: x[0].episode_id)
+        finished.extend(mine)
+        flags = np.full((n,), -1, np.int32)   # -1: another shard's group
+        for gid in range(played + lo, played + hi):
+            r = [_reward(f, t, g, max_new) for f, t in mine if f.tag == gid]
+            flags[gid - played] = int(bool(r) and np.ptp(r) == 0)
+        if g.dynamic_sampling and shards > 1:   # every shard's flags: all processes take the same rounds
+            flags = distributed.allgather(flags).max(axis=0)
+        flat_all.extend(int(x) for x in flags)
+        played += n
+        informative = played - sum(x == 1 for x in flat_all)
+        if not g.dynamic_sampling or informative >= target or rounds >= int(g.max_refill_rounds):
+            break
+        rounds += 1
+        rate = max(informative / played, 1.0 / target)
+        n = min(target, math.ceil((target - informative) / rate))
+
+    rewards = np.asarray([_reward(f, t, g, max_new) for f, t in finished], np.float32)
     groups = np.asarray([f.tag for f, _ in finished], np.int32)
     adv = (np.asarray(losses.group_advantages(rewards, groups, scale=g.advantage_scale)) if finished
            else np.zeros((0,), np.float32))
-    flat = {gid for gid in set(groups.tolist()) if np.ptp(rewards[groups == gid]) == 0}
-    seqs, no_fit, flat_turns = [], 0, 0
+    flat = {gid for gid, x in enumerate(flat_all) if x == 1}
+    kept = [gid for gid in range(played) if gid not in flat][:target] if g.dynamic_sampling else None
+    seqs, no_fit, flat_turns, overlong, surplus = [], 0, 0, 0, 0
     for (f, traces), a in zip(finished, adv):
-        if g.drop_zero_variance and int(f.tag) in flat:
+        if (g.drop_zero_variance or g.dynamic_sampling) and int(f.tag) in flat:
             flat_turns += len(traces)
+            continue
+        if kept is not None and int(f.tag) not in kept:
+            surplus += len(traces)
             continue
         for t in traces:
             if t is None:
                 no_fit += 1
+                continue
+            if g.overlong == "filter" and t.truncated:
+                overlong += 1
                 continue
             if t.tokens:
                 seqs.append(buffers.completion(t.prompt_ids, t.tokens, t.logprobs, advantage=float(a),
                                                reward=f.reward, group=int(f.tag)))
     fitting, dropped = buffers.split_fitting(seqs, int(c.batch.max_seq_len))
     m = episode_metrics(finished)
+    mine_flat = sum(1 for gid in {int(f.tag) for f, _ in finished} if gid in flat)
     m.update({"learner_turns": sum(len(t) for _, t in finished), "rows": len(fitting),
-              "dropped_long": dropped + no_fit, "zero_variance_groups": len(flat),
+              "dropped_long": dropped + no_fit, "zero_variance_groups": mine_flat,
               "dropped_zero_variance": flat_turns,
-              "sampled_tokens": int(sum(sum(s.loss_mask) for s in fitting))})
+              "sampled_tokens": int(sum(sum(s.loss_mask) for s in fitting)),
+              "truncated_replies": sum(1 for _, ts in finished for t in ts if t is not None and t.truncated)})
+    if g.overlong == "filter":
+        m["dropped_overlong"] = overlong
+    if g.overlong == "penalty":
+        m["penalized_replies"] = sum(
+            1 for _, ts in finished for t in ts if t is not None
+            and overlong_penalty(len(t.tokens), max_new, int(g.overlong_buffer)) < 0)
+    if g.dynamic_sampling:
+        m["dropped_surplus"] = surplus
+        m["groups_played"] = len({int(f.tag) for f, _ in finished})
     return Rollouts(fitting, finished, m)
+
+
+def _reward(f, traces, g: ConfigDict, max_new_tokens: int) -> float:
+    """The episode's reward for its advantage: with grpo.overlong=penalty, plus the mean soft
+    overlong penalty of its learner replies."""
+    if g.overlong != "penalty":
+        return float(f.reward)
+    lengths = [len(t.tokens) for t in traces if t is not None]
+    if not lengths:
+        return float(f.reward)
+    pen = np.mean([overlong_penalty(n, max_new_tokens, int(g.overlong_buffer)) for n in lengths])
+    return float(f.reward) + float(g.overlong_penalty) * float(pen)

@@ -346,9 +346,7 @@ def _global_rollout_metrics(r: Run, ro) -> dict:
 
     from games.core import BENCH_SCORE, METRIC_ABORTED, METRIC_SUCCESS
 
-    g = r.c.grpo
-    most = int(g.group_size) * max(hi - lo for lo, hi in (
-        distributed.share(int(g.groups_per_step), k, r.shards) for k in range(r.shards)))
+    most = int(distributed.allgather(np.int32(len(ro.finished))).max())   # refills vary per shard
     stats = np.zeros((most, 5))   # valid, reward, aborted, main score (nan: none), success
     for row, (f, _) in zip(stats, ro.finished):
         es = f.episode_scores

@@ -1,0 +1,182 @@
+"""What GRPO trains on: DAPO's dynamic sampling (refill until every group has signal), its overlong
+filter and soft length penalty, and beta = 0 skipping the reference forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from games import registry
+from games.env import RewardConfig
+from models import llama
+from models import registry as model_registry
+from playpen_jax import buffers
+from playpen_jax.config import ConfigError, apply_override, validate
+from playpen_jax.config import load_file as load_config
+from playpen_jax.rollout import ModelPolicy
+from tests.train.tiny_model import make_tiny_model
+from train import grpo, losses
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return model_registry.load(make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model")))
+
+
+def _config(**over):
+    c = load_config("configs/grpo.py")
+    base = {"games.names": "colourname", "games.learner_roles": "all", "rollout.max_new_tokens": 4,
+            "batch.max_seq_len": 128, "grpo.group_size": 2, "grpo.groups_per_step": 4}
+    for k, v in {**base, **over}.items():
+        apply_override(c, k, str(v))
+    validate(c)
+    return c
+
+
+def _collect(model, c, step=0, policy=None):
+    if policy is None:
+        policy = ModelPolicy(model, max_new_tokens=int(c.rollout.max_new_tokens), temperature=1.0)
+        policy._key = jax.random.fold_in(jax.random.PRNGKey(int(c.seed)), step)
+    pool = [registry.instances("colourname", "train", int(c.seed))]
+    return grpo.collect(pool, c, step, policy, None, "all", RewardConfig("quality", 0.5),
+                        env_partner="strong")
+
+
+def _group_rewards(ro, reward=lambda f, t: f.reward):
+    out: dict = {}
+    for f, traces in ro.finished:
+        out.setdefault(int(f.tag), []).append(reward(f, traces))
+    return out
+
+
+# ----- overlong ------------------------------------------------------------------------------------
+
+def _dapo_length_reward(lengths, l_max, l_cache):
+    """Yu et al. 2025 (DAPO), eq. 13: 0 if |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache
+    if L_max - L_cache < |y| <= L_max; -1 if L_max < |y|."""
+    y = np.asarray(lengths, np.float64)
+    mid = ((l_max - l_cache) - y) / max(l_cache, 1)
+    return np.where(y <= l_max - l_cache, 0.0, np.where(y <= l_max, mid, -1.0))
+
+
+@pytest.mark.parametrize("l_max, l_cache", [(64, 16), (8, 1), (100, 99), (32, 0)])
+def test_overlong_penalty_is_daposs_soft_punishment(l_max, l_cache):
+    lengths = np.arange(0, l_max + 4)
+    got = [grpo.overlong_penalty(int(n), l_max, l_cache) for n in lengths]
+    want = _dapo_length_reward(lengths, l_max, l_cache)
+    if l_cache == 0:   # no buffer: only a reply cut at L_max is punished, fully
+        want = np.where(lengths >= l_max, -1.0, 0.0)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert got[l_max] == -1.0 and got[0] == 0.0
+
+
+def test_overlong_settings_are_checked():
+    with pytest.raises(ConfigError, match="grpo.overlong"):
+        _config(**{"grpo.overlong": "cut"})
+    with pytest.raises(ConfigError, match="overlong_buffer"):
+        _config(**{"grpo.overlong": "penalty", "grpo.overlong_buffer": 4})
+
+
+def test_overlong_filter_leaves_out_replies_cut_at_the_limit(tiny):
+    # two new tokens: the tiny model rarely stops that early, so most replies are cut
+    kept = _collect(tiny, _config(**{"rollout.max_new_tokens": 2, "grpo.drop_zero_variance": False}))
+    c = _config(**{"rollout.max_new_tokens": 2, "grpo.drop_zero_variance": False,
+                   "grpo.overlong": "filter"})
+    ro = _collect(tiny, c)
+    m = ro.metrics
+    cut = sum(t.truncated for _, ts in ro.finished for t in ts if t is not None)
+    assert cut == m["truncated_replies"] == m["dropped_overlong"] > 0
+    assert m["rows"] + m["dropped_long"] + m["dropped_overlong"] == m["learner_turns"]
+    assert all(len(t.tokens) == 2 for _, ts in ro.finished for t in ts if t is not None and t.truncated)
+    # the same episodes were played; only the cut replies' rows are gone
+    assert len(kept.sequences) - len(ro.sequences) == cut
+    assert [f.reward for f, _ in kept.finished] == [f.reward for f, _ in ro.finished]
+
+
+def test_overlong_penalty_enters_the_advantages(tiny):
+    c = _config(**{"rollout.max_new_tokens": 4, "grpo.overlong": "penalty", "grpo.overlong_buffer": 2,
+                   "grpo.overlong_penalty": 0.5, "grpo.drop_zero_variance": False})
+    ro = _collect(tiny, c)
+
+    def shaped(f, traces):
+        lengths = [len(t.tokens) for t in traces if t is not None]
+        return f.reward + 0.5 * float(np.mean(_dapo_length_reward(lengths, 4, 2)))
+
+    rewards = np.asarray([shaped(f, t) for f, t in ro.finished], np.float32)
+    assert not np.allclose(rewards, [f.reward for f, _ in ro.finished])   # the penalty did apply
+    groups = np.asarray([f.tag for f, _ in ro.finished])
+    want = np.asarray(losses.group_advantages(rewards, groups))
+    by_episode = {}
+    for (f, traces), a in zip(ro.finished, want):
+        for t in traces:
+            if t is not None and t.tokens:
+                by_episode.setdefault((tuple(t.prompt_ids), tuple(t.tokens)), set()).add(round(float(a), 5))
+    assert ro.sequences and ro.metrics["penalized_replies"] > 0
+    for s in ro.sequences:
+        n = len(s.tokens) - sum(s.loss_mask)
+        key = (tuple(s.tokens[:n]), tuple(s.tokens[n:]))
+        assert round(float(s.advantage), 5) in by_episode[key]
+
+
+# ----- dynamic sampling --------------------------------------------------------------------------
+
+def test_dynamic_sampling_refills_until_every_group_has_signal(tiny):
+    plain = _collect(tiny, _config())
+    c = _config(**{"grpo.dynamic_sampling": True, "grpo.max_refill_rounds": 8})
+    ro = _collect(tiny, c)
+    m = ro.metrics
+    first = _group_rewards(plain)
+    rewards = _group_rewards(ro)
+    flat_first = sum(np.ptp(r) == 0 for r in first.values())
+    assert flat_first > 0, "the test needs some all-equal groups in the first round"
+    # the first round is the plain step's, played the same
+    assert {g: rewards[g] for g in first} == first
+    assert m["groups_played"] > 4 and m["zero_variance_groups"] >= flat_first
+    trained = {s.group for s in ro.sequences}
+    assert len(trained) == 4   # exactly groups_per_step informative groups
+    assert all(np.ptp(rewards[g]) > 0 for g in trained)
+    # the kept ones are the first informative groups in draw order; later ones are surplus
+    informative = [g for g in sorted(rewards) if np.ptp(rewards[g]) > 0]
+    assert sorted(trained) == informative[:4]
+    assert (m["rows"] + m["dropped_long"] + m["dropped_zero_variance"] + m["dropped_surplus"]
+            == m["learner_turns"])
+    # the rows of a group carry that group's advantages
+    adv = losses.group_advantages(np.asarray([f.reward for f, _ in ro.finished], np.float32),
+                                  np.asarray([f.tag for f, _ in ro.finished]))
+    assert {round(float(a), 5) for a in adv} >= {round(float(s.advantage), 5) for s in ro.sequences}
+
+
+def test_dynamic_sampling_stops_after_its_rounds(tiny):
+    # a learner that never names a colour: every group ties, and the rounds run out
+    c = _config(**{"grpo.dynamic_sampling": True, "grpo.max_refill_rounds": 2})
+    ro = _collect(tiny, c, policy=lambda requests: ["no idea"] * len(requests))
+    rewards = _group_rewards(ro)
+    assert all(np.ptp(r) == 0 for r in rewards.values())
+    assert ro.sequences == [] and ro.metrics["rows"] == 0
+    # round one plays 4 groups; each refill at most groups_per_step more
+    assert 4 < ro.metrics["groups_played"] <= 4 * 3
+
+
+# ----- beta = 0 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta, kl, forwards", [(0.04, "k3", 2), (0.0, "k3", 1), (0.04, "none", 1)])
+def test_reference_forward_only_when_the_kl_term_counts(tiny, monkeypatch, beta, kl, forwards):
+    calls = []
+    real = llama.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "forward", counting)
+    c = _config(**{"grpo.beta": beta, "grpo.kl": kl})
+    loss_fn = grpo.make_loss_fn(tiny.config, c, 4)
+    batch = buffers.pack([buffers.completion([1, 2, 3], [4, 5], [-1.0, -1.0], advantage=1.0)],
+                         micro_batch=1, max_len=16)
+    mb = {k: jnp.asarray(np.asarray(v)[0]) for k, v in batch.items() if np.ndim(v) >= 1}
+    extra = {"ref_params": tiny.params} if grpo.uses_reference(c) else None
+    jax.make_jaxpr(lambda p: jax.grad(lambda q: loss_fn(q, mb, extra)[0])(p))(tiny.params)
+    assert len(calls) == forwards
+    assert grpo.uses_reference(c) == (forwards == 2)
