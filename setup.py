@@ -44,7 +44,8 @@ setup(
                  # Executes notebooks/ in a Jupyter kernel in tests.
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # Reference implementations for parity tests (CPU torch; accelerate for GGUF loading).
-        "parity": ["torch>=2.4", "transformers>=4.50", "accelerate>=1.0"],
+        # peft: loads exported LoRA adapters onto the transformers model.
+        "parity": ["torch>=2.4", "transformers>=4.50", "accelerate>=1.0", "peft>=0.13"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         # Peers in benchmarks/ (llama.cpp); `make bench` builds it with portable CPU flags.

@@ -42,6 +42,17 @@ def get_base_config(method: str) -> ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
+    # LoRA adapters (models/lora.py): rank 0 trains every weight; rank > 0 trains adapters on the
+    # target projections only (the optimizer holds state for them alone). quantize: QLoRA, the
+    # frozen base held as int8 per channel or 4-bit blocks of `block` and dequantized in the forward.
+    c.lora = ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0             # the adapters' scale is alpha / rank
+    c.lora.dropout = 0.0            # on the adapters' input, in training only
+    c.lora.targets = "all"          # "all" or q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+    c.lora.quantize = "none"        # "none" | "int8" | "int4"
+    c.lora.block = 32               # int4 block length along the input axis
+
     c.optimizer = ConfigDict()
     c.optimizer.learning_rate = 1e-5
     c.optimizer.schedule = "constant"  # "constant" | "cosine" | "linear" (decay to 0 at `steps`)

@@ -9,6 +9,8 @@ params = {
   "final_norm": [D],
   "lm_head":    [D, V]   (absent when the embedding is tied)
 }
+A projection weight may also be held quantized (`models.quant.QuantizedWeight`, dequantized right
+before its matmul), and `layers` may carry a "lora" entry of adapters (`models.lora.attach`).
 `param_axes(config)` gives the same tree with a tuple of logical axis names per leaf; the mesh rules in
 `playpen_jax.sharding` turn those into PartitionSpecs. Nothing here decides a sharding: the hidden
 states [B, T, D] between blocks are named ("batch", "seq", None) and passed through the function that
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import LlamaConfig
+from models.lora import project
 
 Params = dict
 KVCache = dict
@@ -226,10 +229,11 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
     [L, B, K, S, Dh] cache, updated in place at this layer's slots index..index+T-1; or
     (k, v, None) with this layer's own [B, K, S, Dh] arrays."""
     dt = config.jnp_dtype
+    lo = lp.get("lora")
     h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
+    q = project("btd,dhk->bthk", h, lp["wq"], lo, "wq", dt)
+    k = project("btd,dhk->bthk", h, lp["wk"], lo, "wk", dt)
+    v = project("btd,dhk->bthk", h, lp["wv"], lo, "wv", dt)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh], the cache layout
     if cache is not None and cache[2] is None:  # this layer's own [B, K, S, Dh] arrays
@@ -246,11 +250,11 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
         k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
         cache = (k_all, v_all)
     attn = _attention(q, k, v, mask)
-    x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(dt))
+    x = x + project("bthk,hkd->btd", attn, lp["wo"], lo, "wo", dt)
     h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"].astype(dt))
+    gate = project("btd,df->btf", h, lp["w_gate"], lo, "w_gate", dt)
+    up = project("btd,df->btf", h, lp["w_up"], lo, "w_up", dt)
+    x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"], lo, "w_down", dt)
     return _laid_out(x), cache
 
 

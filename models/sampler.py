@@ -267,8 +267,9 @@ class Sampler:
 
         if self.unstack:
             params = self._unstacked(params)
-        sig = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
-                    for x in jax.tree_util.tree_leaves(params))
+        sig = (jax.tree_util.tree_structure(params),   # e.g. with or without LoRA adapters
+               tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
+                     for x in jax.tree_util.tree_leaves(params)))
         prefill = self._compile(("prefill", batch, plen, cache_len, sig), self._prefill_fn(cache_len),
                                 params, tokens, positions, segments)
         logits, cache = prefill(params, tokens, positions, segments)

@@ -181,6 +181,25 @@ def validate(c: ConfigDict) -> ConfigDict:
     _require(isinstance(c.model.name, str) and c.model.name != "", "model.name", c.model.name,
              "must be a model name or path")
     _choice(c, "model.param_dtype", DTYPES)
+    if "lora" in c:
+        _num(c, "lora.rank", lo=0, integer=True)
+        _num(c, "lora.alpha", lo=0, lo_open=True)
+        _num(c, "lora.dropout", lo=0, hi=1)
+        _require(c.lora.dropout < 1, "lora.dropout", c.lora.dropout, "must be below 1")
+        _choice(c, "lora.quantize", ("none", "int8", "int4"))
+        _num(c, "lora.block", lo=2, integer=True)
+        _require(c.lora.block % 2 == 0, "lora.block", c.lora.block, "must be even (two 4-bit values a byte)")
+        _require(c.lora.rank > 0 or c.lora.quantize == "none", "lora.quantize", c.lora.quantize,
+                 "a quantized base is frozen: set lora.rank > 0 to train adapters on it")
+        _require(c.lora.rank == 0 or c.method != "eval", "lora.rank", c.lora.rank,
+                 "adapters are trained by sft, dpo or grpo, not by eval")
+        if c.lora.rank > 0:
+            from models.lora import LoraSpec
+
+            try:
+                LoraSpec.parse(c.lora.rank, c.lora.alpha, c.lora.targets, c.lora.dropout)
+            except ValueError as e:
+                raise ConfigError(f"config.lora.targets={c.lora.targets!r}: {e}") from None
     _choice(c, "model.dtype", DTYPES)
     for axis in ("data", "fsdp", "tensor"):
         v = c.mesh[axis]

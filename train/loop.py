@@ -12,13 +12,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from games import eval as game_eval
 from games import records, registry
 from games.env import BatchedGameEnv, RewardConfig
+from models import lora, quant, remote
 from models import registry as model_registry
-from models import remote
 from models.sampler import Sampler
 from playpen_jax import buffers, distributed
 from playpen_jax import sharding as shd
@@ -114,14 +115,22 @@ class Run:
             shardings=lambda cfg: train_step.param_shardings(cfg, self.mesh),
             param_dtype=c.model.param_dtype, dtype=c.model.dtype)
         self.mcfg = self.model.config
+        self.lora = None
+        if int(c.lora.rank) > 0:
+            self._setup_lora()
         self.games = registry.resolve_names(c.games.names)
         self.eval_games = registry.resolve_names(c.eval.games)
         updates = c.steps * (c.grpo.updates_per_batch if c.method == "grpo" else 1)
         self.optimizer = train_step.make_optimizer(c.optimizer, max(updates, 1))
         self.schedule = train_step.learning_rate_schedule(c.optimizer, max(updates, 1))
-        param_sh = train_step.param_shardings(self.mcfg, self.mesh)
-        abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                                 self.model.params)
+        if self.lora is None:
+            param_sh = train_step.param_shardings(self.mcfg, self.mesh)
+            abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                     self.model.params)
+        else:   # the trained params are the adapters
+            param_sh = shd.tree_shardings(lora.param_axes(self.mcfg, self.lora),
+                                          lora.param_shapes(self.mcfg, self.lora), self.mesh)
+            abstract_params = jax.eval_shape(self._init_adapters)
         self.shardings = train_step.state_shardings(param_sh, self.optimizer, abstract_params, self.mesh)
         self.abstract = train_step.abstract_state(self.shardings, abstract_params, self.optimizer)
         self.ckpt = Checkpointer(os.path.join(c.run_dir, "checkpoints"), keep=int(c.checkpoint.keep))
@@ -130,7 +139,7 @@ class Run:
         needs_ref = (c.games.partner == "reference" or (c.method == "grpo" and grpo.uses_reference(c))
                      or (c.method == "dpo" and c.dpo.kind not in losses.REFERENCE_FREE))
         self.ref_params = self.model.params if needs_ref else None
-        if not needs_ref:
+        if not needs_ref and self.lora is None:
             self.model.params = None  # the state holds the trained copy; free the loaded one
         pad = self.model.tokenizer.eos_id if self.model.tokenizer.eos_id is not None else 0
         self.pad_id = pad
@@ -164,6 +173,40 @@ class Run:
                                    requests_per_second=float(q.requests_per_second),
                                    concurrency=int(q.concurrency))
 
+    # ----- LoRA --------------------------------------------------------------------------------
+    def _setup_lora(self) -> None:
+        """The frozen base (quantized for QLoRA) becomes the model's params; the state will hold
+        only the adapters (see models/lora.py)."""
+        c = self.c
+        self.lora = lora.LoraSpec.parse(int(c.lora.rank), float(c.lora.alpha), c.lora.targets,
+                                        float(c.lora.dropout))
+        if c.lora.quantize != "none":
+            kind, block = c.lora.quantize, int(c.lora.block)
+            try:
+                self.model.params = jax.jit(lambda p: quant.quantize_params(p, kind, block=block))(
+                    self.model.params)
+            except ValueError as e:
+                raise RunError(f"lora.quantize={kind}: {e}") from None
+        self.base = self.model.params
+
+    def _init_adapters(self):
+        dtype = self.mcfg.jnp_param_dtype
+        return lora.init(self.mcfg, self.lora, jax.random.PRNGKey(int(self.c.seed)), dtype)
+
+    def _lora_loss(self, loss_fn):
+        """loss_fn over the adapted model, as a function of the adapters (extra["lora_base"]: the
+        frozen base; extra["rng"]: dropout keys)."""
+        wrapped = self._steps.get(("lora", loss_fn))
+        if wrapped is None:
+            spec = self.lora
+
+            def wrapped(adapters, mb, extra):
+                params = lora.attach(extra["lora_base"], adapters, spec, rng=extra.get("rng"))
+                return loss_fn(params, mb, extra)
+
+            self._steps[("lora", loss_fn)] = wrapped
+        return wrapped
+
     # ----- processes --------------------------------------------------------------------------
     def make_policy(self, **kwargs) -> RolloutPolicy:
         return RolloutPolicy(self.model, convert=self.rollout_params, batch_size=self.c.rollout.batch_size,
@@ -173,9 +216,16 @@ class Run:
         """`params` as this process samples from them: the arrays themselves with one process; with
         several, this process's copy on `rollout_mesh` (a collective that every process must join,
         made once per params object: the frozen reference once, the trained params once per step)."""
+        if self.lora is not None and params is not self.ref_params and params is not self.base:
+            if jax.process_count() > 1:
+                if self._rollout_copy is None or self._rollout_copy[0] is not params:
+                    self._rollout_copy = None
+                    self._rollout_copy = (params, self._local_copy(params))
+                params = self._rollout_copy[1]
+            return lora.attach(self.rollout_params(self.base), params, self.lora)
         if jax.process_count() == 1:
             return params
-        if params is self.ref_params:
+        if params is self.ref_params or (self.lora is not None and params is self.base):
             if self._ref_rollout is None:
                 self._ref_rollout = self._local_copy(params)
             return self._ref_rollout
@@ -185,7 +235,14 @@ class Run:
         return self._rollout_copy[1]
 
     def _local_copy(self, params):
-        shardings = train_step.param_shardings(self.mcfg, self.rollout_mesh)
+        if self.lora is None or (params is self.base and self.c.lora.quantize == "none"):
+            shardings = train_step.param_shardings(self.mcfg, self.rollout_mesh)
+        elif params is self.base:   # quantized leaves: whole on each of this process's devices
+            whole = NamedSharding(self.rollout_mesh, PartitionSpec())
+            shardings = jax.tree_util.tree_map(lambda _: whole, params)
+        else:
+            shardings = shd.tree_shardings(lora.param_axes(self.mcfg, self.lora),
+                                           lora.param_shapes(self.mcfg, self.lora), self.rollout_mesh)
         return distributed.process_local_copy(params, shardings)
 
     def global_sum(self, values) -> np.ndarray:
@@ -213,6 +270,9 @@ class Run:
             return state
         if c.resume:
             print(f"resume: no checkpoint in {c.run_dir}; starting from step 0", file=sys.stderr)
+        if self.lora is not None:
+            params = jax.jit(self._init_adapters, out_shardings=self.shardings["params"])()
+            return train_step.init_state(params, self.optimizer, self.shardings)
         # A copy: the state's buffers are donated to the train step, the loaded params may be
         # needed as the frozen reference.
         params = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
@@ -296,6 +356,11 @@ class Run:
                        shards: int = 1) -> None:
         """batch: the full batch on every process (shards=1) or this process's block of its rows."""
         device_batch = buffers.to_device(batch, self.mesh, shards=shards)
+        if self.lora is not None:   # the adapters are trained, on the frozen base
+            loss_fn = self._lora_loss(loss_fn)
+            extra = {**(extra or {}), "lora_base": self.base}
+            if self.lora.dropout > 0:
+                extra["rng"] = jax.random.PRNGKey(int(self.c.seed) + 7)
         fn = self._steps.get(loss_fn)
         if fn is None:
             fn = self._steps[loss_fn] = train_step.make_train_step(loss_fn, self.optimizer, self.shardings)
@@ -502,7 +567,14 @@ def export(r: Run, path: str, params=None) -> None:
     dtype = None if r.c.export.dtype == "float32" else jnp.bfloat16
     src = r.model.path
     tok_dir = src if os.path.isdir(src) else None
-    params = r.state["params"] if params is None else params
+    params = r.rollout_params(r.state["params"]) if params is None else params
+    layers = params["layers"]
+    if r.lora is not None and isinstance(layers, dict) and "lora" in layers:
+        # the adapted model merged into plain weights, and the adapters alone in PEFT's layout
+        adapters = {t: layers["lora"][t] for t in r.lora.targets}
+        base = {**params, "layers": {k: v for k, v in layers.items() if k != "lora"}}
+        lora.save_peft(os.path.join(path, "adapter"), adapters, r.lora, r.mcfg, base_model=r.c.model.name)
+        params = lora.merge(base, adapters, r.lora)
     loader.save_hf(params, r.mcfg, path, tokenizer_dir=tok_dir, dtype=dtype)
     if tok_dir is None and hasattr(r.model.tokenizer, "save"):
         r.model.tokenizer.save(path)

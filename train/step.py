@@ -82,7 +82,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
     """jit(step)(state, batch, extra) -> (new state, metrics).
 
     batch: a dict of [M, ...] arrays plus "weight" [M]; loss_fn sees one micro-batch (the [M] axis
-    removed) and `extra` (e.g. frozen reference params) and returns (loss, metrics). The step's
+    removed) and `extra` (e.g. frozen reference params) and returns (loss, metrics). A key
+    extra["rng"] reaches loss_fn folded with the state's step and the micro-batch's index (e.g. for
+    dropout), so each update and micro-batch draws its own. The step's
     loss and metrics are the weight-weighted sums over micro-batches; metrics also hold the
     gradient norm before clipping ("grad_norm") and the learning rate is left to the caller.
     """
@@ -98,12 +100,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
     def _step(state, batch, extra):
         params = state["params"]
         param_sh = shardings["params"]
+        rng = extra.get("rng") if isinstance(extra, dict) else None
+        if rng is not None:   # one key per update, folded with the micro-batch below
+            rng = jax.random.fold_in(rng, state["step"])
 
-        def micro(acc, mb):
+        def micro(acc, inputs):
+            mb, index = inputs
             w = mb["weight"]
+            ex = extra if rng is None else {**extra, "rng": jax.random.fold_in(rng, index)}
 
             def compute(_):
-                (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, extra)
+                (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, ex)
                 return loss, metrics, g
 
             shapes = jax.eval_shape(compute, None)
@@ -119,7 +126,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
 
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
-        grads, (losses, metrics) = jax.lax.scan(micro, zeros, batch)
+        n_micro = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        grads, (losses, metrics) = jax.lax.scan(micro, zeros, (batch, jnp.arange(n_micro)))
         metrics = {k: jnp.sum(v) for k, v in metrics.items()}
         metrics["loss"] = jnp.sum(losses)
         metrics["grad_norm"] = optax.global_norm(grads)
