@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.forward import matmul_roof, model_flops_per_token
-from models import llama, loader, registry
+from models import llama, loader, lora, quant, registry
 from models.config import preset
 from models.sampler import Sampler
 
@@ -64,6 +64,10 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--peer_batches", default="1,8,32", help="batches to time transformers at")
     p.add_argument("--no_transformers", action="store_true")
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="ours decodes through LoRA adapters of this rank on every projection, unmerged")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                   help="ours holds the projections quantized (a QLoRA base), dequantized per matmul")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     n_new = args.new_tokens
@@ -79,12 +83,25 @@ def main(argv=None):
         prompt = model.tokenizer.encode_chat(PROMPT, add_generation_prompt=True).ids
         gguf_path = model.path
     batches = [int(b) for b in args.batches.split(",")]
+    ours = params   # the peers get the plain float weights
+    if args.quantize != "none":
+        ours = jax.jit(lambda p: quant.quantize_params(p, args.quantize))(params)
+    if args.lora_rank:
+        spec = lora.LoraSpec.parse(args.lora_rank, 2.0 * args.lora_rank, "all")
+        ad = lora.init(cfg, spec, jax.random.PRNGKey(1), cfg.jnp_param_dtype)
+        ad = {t: {"a": x["a"], "b": (0.01 * jax.random.normal(jax.random.PRNGKey(2), x["b"].shape)).astype(
+            x["b"].dtype)} for t, x in ad.items()}
+        ours = lora.attach(ours, ad, spec)
+    variant = ([f"{args.quantize} base"] if args.quantize != "none" else []) + (
+        [f"LoRA rank {args.lora_rank} unmerged"] if args.lora_rank else [])
+    if variant:
+        name += f" [ours: {', '.join(variant)}]"
     peer_batches = [int(b) for b in args.peer_batches.split(",")]
 
     roof = matmul_roof(cfg.jnp_dtype, 8192 if on_gpu else 2048)
     bandwidth = memory_bandwidth(on_gpu)
     flops_tok = model_flops_per_token(cfg, len(prompt) + n_new // 2)
-    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    weight_bytes = quant.nbytes(ours)
 
     notes, hf = [], None
     if not args.no_transformers:
@@ -106,7 +123,7 @@ def main(argv=None):
     sampler = Sampler(cfg, pad_id=0)
     rows = {}
     for b in batches:
-        run = lambda: sampler.generate(params, [prompt] * b, max_new_tokens=n_new,  # noqa: E731
+        run = lambda: sampler.generate(ours, [prompt] * b, max_new_tokens=n_new,  # noqa: E731
                                        temperature=0)
         run()  # compile
         rows[b] = {"ours": b * n_new / min(_timed(run) for _ in range(2))}

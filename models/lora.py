@@ -146,6 +146,15 @@ def project(spec_str: str, x: jax.Array, w, lora: Optional[dict], name: str, dty
     return y + (lora["scale"].astype(dtype) * delta).astype(y.dtype)
 
 
+def adapted_loss(loss_fn, spec: LoraSpec):
+    """loss_fn(params, mb, extra) as a function of the adapters: (adapters, mb, extra) with the
+    frozen base in extra["lora_base"] and, for dropout, a key in extra["rng"]."""
+    def loss(adapters, mb, extra):
+        return loss_fn(attach(extra["lora_base"], adapters, spec, rng=extra.get("rng")), mb, extra)
+
+    return loss
+
+
 def merge(base: dict, adapters: dict, spec: LoraSpec, dtype=None) -> dict:
     """Plain params with W + scale * A B in every target (quantized base weights dequantized first):
     what an HF export of the adapted model holds. dtype: of the merged weights (default: float32)."""

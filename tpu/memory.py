@@ -75,8 +75,8 @@ OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "sgd": 0}
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
-PERSISTENT = ("params", "optimizer", "reference", "rollout_params")
-TRAIN = ("gradients", "activations", "lm_head", "gathered_weights")
+PERSISTENT = ("params", "adapters", "optimizer", "reference", "rollout_params")
+TRAIN = ("gradients", "activations", "lm_head", "gathered_weights", "dequantized")
 ROLLOUT = ("kv_cache", "prefill")
 
 
@@ -188,6 +188,40 @@ def _layer_elems(config: LlamaConfig, mesh: AbstractMesh) -> int:
     return sum(_leaf_elems(shapes[k][1:], axes[k][1:], mesh) for k in shapes)
 
 
+_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def _base_bytes(config: LlamaConfig, mesh: AbstractMesh, pb: int, quantize: str, block: int) -> int:
+    """Bytes of the (frozen or trained) params a chip holds; quantized projections: int8 with a
+    float32 scale per channel, or 4 bits with a float16 scale and zero per `block` elements."""
+    if quantize == "none":
+        return _params_elems(config, mesh) * pb
+    from models.quant import PROJECTION_AXES
+
+    axes, shapes = llama.param_axes(config), llama.param_shapes(config)
+    total = 0.0
+    for name, shape in shapes["layers"].items():
+        n = _leaf_elems(shape, axes["layers"][name], mesh)
+        if name not in _PROJECTIONS:
+            total += n * pb
+            continue
+        along = shape[PROJECTION_AXES[name]]
+        total += n * (1 + 4 / along) if quantize == "int8" else n * (0.5 + 4 / block)
+    for name in shapes:
+        if name != "layers":
+            total += _leaf_elems(shapes[name], axes[name], mesh) * pb
+    return int(total)
+
+
+def _lora_elems(config: LlamaConfig, spec, mesh: AbstractMesh) -> int:
+    from models import lora
+
+    is_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
+    pairs = zip(jax.tree_util.tree_leaves(lora.param_axes(config, spec), is_leaf=is_leaf),
+                jax.tree_util.tree_leaves(lora.param_shapes(config, spec), is_leaf=is_leaf))
+    return sum(_leaf_elems(shape, ax, mesh) for ax, shape in pairs)
+
+
 def _split(n: int, by: int) -> int:
     """n / by where `by` divides n (the rule table shards it), else n (left whole)."""
     return n // by if by > 1 and n % by == 0 else n
@@ -209,7 +243,8 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
              seq_len: int, reference: bool = True, remat: bool = True, dtype: Optional[str] = None,
              data: Optional[int] = None, lm_head_chunk: int = 256, rollout_batch: int = 0,
              prompt_len: int = 0, new_tokens: int = 0, chips_per_host: Optional[int] = None,
-             rows_per_chip: Optional[int] = None) -> dict:
+             rows_per_chip: Optional[int] = None, lora_rank: int = 0, lora_targets: str = "all",
+             quantize: str = "none", block: int = 32) -> dict:
     """Bytes per chip of each buffer a run keeps (see the module docstring), and their total.
 
     model: a preset name ("llama-3.1-8b"), an HF checkpoint directory, or a LlamaConfig.
@@ -218,7 +253,12 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
     of one micro-batch over all chips; seq_len: `batch.max_seq_len`. rollout_batch, prompt_len,
     new_tokens: `rollout.batch_size` prompts per sampler call (per host on several hosts), the
     longest prompt and `rollout.max_new_tokens` (0 leaves out the sampler). chips_per_host: chips
-    of one host (default: all chips on one host).
+    of one host (default: all chips on one host). lora_rank > 0: LoRA (`models/lora.py`) on
+    `lora_targets`; "params" is then the frozen base (with `quantize` "int8" or "int4" in blocks of
+    `block`: QLoRA, its projections quantized; split over the chips like the float weights in the
+    train state, whole on every chip of a host's sampling copy), the optimizer, gradients and
+    "adapters" count the adapters only, the base doubles as the reference (no extra copy), and
+    "dequantized" is one layer's projections dequantized to the compute dtype.
 
     Returns a dict of ints: params, optimizer, reference, rollout_params (persistent); gradients,
     activations, lm_head, gathered_weights (train step); kv_cache, prefill (sampling); and
@@ -250,24 +290,46 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
     t = sizes["tensor"]
     th, tk, tf, tv = _split(H, t), _split(K, t), _split(F, t), _split(V, t)  # per-chip sizes
 
+    if not isinstance(lora_rank, int) or lora_rank < 0:
+        raise MemoryEstimateError(f"lora_rank must be an integer >= 0, got {lora_rank!r}")
+    if quantize not in ("none", "int8", "int4") or (quantize != "none" and not lora_rank):
+        raise MemoryEstimateError(f"quantize={quantize!r}: 'none', or 'int8' / 'int4' with lora_rank > 0")
+    spec = None
+    if lora_rank:
+        from models import lora
+
+        try:
+            spec = lora.LoraSpec.parse(lora_rank, 1.0, lora_targets)
+        except ValueError as e:
+            raise MemoryEstimateError(str(e)) from None
+
     # --- persistent
     mesh = _mesh(sizes)
     elems = _params_elems(config, mesh)
-    params = elems * pb
+    params = _base_bytes(config, mesh, pb, quantize, block)
+    trained = elems
+    adapters = 0
+    if spec is not None:
+        trained = _lora_elems(config, spec, mesh)
+        adapters = trained * pb
+        reference = False   # the frozen base is the reference
     moments = OPTIMIZER_MOMENTS[optimizer]
-    optimizer_bytes = moments * params + (4 if moments else 0)
+    optimizer_bytes = moments * trained * pb + (4 if moments else 0)
     reference_bytes = params if reference else 0
     rollout_params = 0
     hosts = chips // per_host
     if hosts > 1:
         local_t = t if per_host % t == 0 else 1
         rollout_sizes = {"data": 1, "fsdp": per_host // local_t, "tensor": local_t}
-        rollout_params = _params_elems(config, _mesh(rollout_sizes)) * pb
+        local = _mesh(rollout_sizes)
+        whole = _mesh({"data": 1, "fsdp": 1, "tensor": 1})
+        rollout_params = (_base_bytes(config, whole if quantize != "none" else local, pb, quantize, block)
+                          + (_lora_elems(config, spec, local) * pb if spec is not None else 0))
     else:
         rollout_sizes = sizes
 
     # --- train step
-    gradients = elems * 4 + elems * pb
+    gradients = trained * 4 + trained * pb
     batch_shards = sizes["data"] * sizes["fsdp"]
     rows = -(-micro_batch_rows // batch_shards) if rows_per_chip is None else rows_per_chip
     if not isinstance(rows, int) or rows < 1:
@@ -287,6 +349,9 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
     head_weights = tv * D
     gathered = max(layer_weights, head_weights) * cb
     gathered_weights = 2 * gathered
+    dequantized = (layer_weights - 2 * D) * cb if quantize != "none" else 0   # norms stay as they are
+    if spec is not None:   # each target's x A ([rows, T, rank]) per layer is kept for the backward
+        activations += L * rows * T * lora_rank * len(spec.targets) * cb
 
     # --- sampling
     kv_cache = prefill = 0
@@ -301,10 +366,10 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
         prefill = (srows * _split(H, st) * plen * S * (4 + cb) + 3 * srows * plen * _split(F, st) * cb
                    + gathered)
 
-    out = {"params": params, "optimizer": optimizer_bytes, "reference": reference_bytes,
-           "rollout_params": rollout_params, "gradients": gradients, "activations": activations,
-           "lm_head": lm_head, "gathered_weights": gathered_weights, "kv_cache": kv_cache,
-           "prefill": prefill}
+    out = {"params": params, "adapters": adapters, "optimizer": optimizer_bytes,
+           "reference": reference_bytes, "rollout_params": rollout_params, "gradients": gradients,
+           "activations": activations, "lm_head": lm_head, "gathered_weights": gathered_weights,
+           "dequantized": dequantized, "kv_cache": kv_cache, "prefill": prefill}
     out["persistent"] = sum(out[k] for k in PERSISTENT)
     out["train_peak"] = sum(out[k] for k in TRAIN)
     out["rollout_peak"] = sum(out[k] for k in ROLLOUT)
@@ -315,7 +380,8 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
 # --- the table -------------------------------------------------------------------------------------
 
 _LABELS = {
-    "params": "params", "optimizer": "optimizer state", "reference": "reference params",
+    "params": "params", "adapters": "LoRA adapters", "dequantized": "dequantized layer",
+    "optimizer": "optimizer state", "reference": "reference params",
     "rollout_params": "per-host sampling copy", "gradients": "gradients (f32 acc + 1 micro)",
     "activations": "activations (remat)", "lm_head": "LM head chunk", "gathered_weights":
     "gathered weights", "kv_cache": "KV cache", "prefill": "prefill working set",
@@ -379,6 +445,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--rollout-batch", type=int, default=64, help="rollout.batch_size (0: no sampler)")
     p.add_argument("--prompt-len", type=int, default=896, help="longest prompt in tokens (default: 896)")
     p.add_argument("--new-tokens", type=int, default=128, help="rollout.max_new_tokens (default: 128)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-targets", default="all", help="LoRA targets (default: all)")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"), help="QLoRA base")
+    p.add_argument("--block", type=int, default=32, help="int4 block length (default: 32)")
     p.add_argument("--headroom", type=float, default=0.1, help="HBM share to leave free (default: 0.1)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     a = p.parse_args(argv)
@@ -394,7 +464,8 @@ def main(argv: Optional[list] = None) -> int:
                        micro_batch_rows=a.micro_batch, seq_len=a.seq_len, reference=not a.no_reference,
                        remat=not a.no_remat, lm_head_chunk=a.lm_head_chunk, rollout_batch=a.rollout_batch,
                        prompt_len=a.prompt_len, new_tokens=a.new_tokens, chips_per_host=per_host,
-                       rows_per_chip=a.rows_per_chip)
+                       rows_per_chip=a.rows_per_chip, lora_rank=a.lora_rank, lora_targets=a.lora_targets,
+                       quantize=a.quantize, block=a.block)
         sizes = resolve_mesh(chips, data=a.data, fsdp=a.fsdp, tensor=a.tensor)
     except MemoryEstimateError as e:
         print(f"error: {e}", file=sys.stderr)

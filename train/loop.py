@@ -196,16 +196,10 @@ class Run:
     def _lora_loss(self, loss_fn):
         """loss_fn over the adapted model, as a function of the adapters (extra["lora_base"]: the
         frozen base; extra["rng"]: dropout keys)."""
-        wrapped = self._steps.get(("lora", loss_fn))
-        if wrapped is None:
-            spec = self.lora
-
-            def wrapped(adapters, mb, extra):
-                params = lora.attach(extra["lora_base"], adapters, spec, rng=extra.get("rng"))
-                return loss_fn(params, mb, extra)
-
-            self._steps[("lora", loss_fn)] = wrapped
-        return wrapped
+        key = ("lora", loss_fn)
+        if key not in self._steps:   # one wrapper per loss, so that its compiled steps are reused
+            self._steps[key] = lora.adapted_loss(loss_fn, self.lora)
+        return self._steps[key]
 
     # ----- processes --------------------------------------------------------------------------
     def make_policy(self, **kwargs) -> RolloutPolicy:

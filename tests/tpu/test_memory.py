@@ -144,3 +144,39 @@ def test_cli_error_is_one_line(capsys):
     assert memory.main(["--chips", "8", "--fsdp", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: mesh") and "\n" not in err
+
+
+# LoRA rank 4 on every target of TINY, per layer: A is [in, 4], B is [4, out]; wq 32->32, wk/wv
+# 32->16, wo 32->32, gate/up 32->64, down 64->32.
+LORA_LAYER = 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32))
+
+
+def test_lora_trains_and_keeps_state_for_the_adapters_only():
+    full = tiny(fsdp=1, chips=1)
+    est = tiny(fsdp=1, chips=1, lora_rank=4)
+    adapters = 2 * LORA_LAYER
+    assert est["params"] == full["params"] == TINY_PARAMS * 2   # the frozen base, bf16
+    assert est["adapters"] == adapters * 2
+    assert est["optimizer"] == 2 * adapters * 2 + 4
+    assert est["gradients"] == adapters * 4 + adapters * 2
+    assert est["reference"] == 0 and est["dequantized"] == 0   # the base is the reference
+    assert est["activations"] == full["activations"] + 2 * 8 * 16 * 4 * 7 * 2   # x A per target
+    only_q = tiny(fsdp=1, chips=1, lora_rank=4, lora_targets="q_proj")
+    assert only_q["adapters"] == 2 * 4 * (32 + 32) * 2
+
+
+def test_qlora_holds_the_projections_quantized():
+    proj = 2 * (32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 64)   # projection weights, both layers
+    rest = TINY_PARAMS - proj
+    est8 = tiny(fsdp=1, chips=1, lora_rank=4, quantize="int8")
+    # int8: one byte each plus a float32 scale per channel of the contraction axis (D=32 for q/k/v,
+    # gate, up; Dh=8 for o; F=64 for down)
+    per_layer_scales = 4 * (32 * 8 * (4 + 2 + 2) // 32 + 4 * 32 + 2 * 64 + 32)
+    assert est8["params"] == rest * 2 + proj + 2 * per_layer_scales
+    est4 = tiny(fsdp=1, chips=1, lora_rank=4, quantize="int4", block=8)
+    assert est4["params"] == rest * 2 + proj // 2 + proj * 4 // 8   # 4 bits + f16 scale and zero per 8
+    assert est4["dequantized"] == (LAYER - 2 * 32) * 2   # one layer's projections in bf16
+    with pytest.raises(memory.MemoryEstimateError, match="lora_rank > 0"):
+        tiny(quantize="int4")
+    with pytest.raises(memory.MemoryEstimateError, match="lora targets"):
+        tiny(lora_rank=4, lora_targets="lm_head")
