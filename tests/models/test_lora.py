@@ -298,3 +298,32 @@ def test_a_block_that_does_not_divide_gives_one_line(tiny_dir, tmp_path, capsys)
     assert train_main.main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert "lora.quantize=int4" in err and "block 16" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 4, "tensor": 2}])
+def test_sharded_adapters_and_quantized_base_give_the_unsharded_loss_and_gradients(model, shape):
+    from playpen_jax import sharding as shd
+
+    cfg, params = model
+    mesh = shd.make_mesh(shape)
+    ad = _trained(cfg, SPEC)
+    qbase = quant.quantize_params(params, "int8")
+    toks = _tokens(cfg, (4, 9))
+
+    def loss(adapters, base, tokens):
+        logits = llama.forward(lora.attach(base, adapters, SPEC), tokens, config=cfg)[0]
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    want_l, want_g = jax.value_and_grad(loss)(ad, qbase, toks)
+    ad_sh = shd.tree_shardings(lora.param_axes(cfg, SPEC), lora.param_shapes(cfg, SPEC), mesh)
+    sharded = jax.device_put(ad, ad_sh)
+    # the adapters are split along their base weight's axes (e.g. wq's B over "tensor" heads)
+    assert sharded["wq"]["b"].sharding.spec != jax.sharding.PartitionSpec()
+    P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    base_sh = jax.device_put(qbase, NS(mesh, P()))
+    rows = jax.device_put(toks, NS(mesh, P(("data", "fsdp"))))
+    got_l, got_g = jax.jit(jax.value_and_grad(loss), out_shardings=(None, ad_sh))(sharded, base_sh, rows)
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
+    for t in SPEC.targets:
+        for x in "ab":
+            np.testing.assert_allclose(got_g[t][x], want_g[t][x], atol=1e-5, err_msg=f"{t}.{x}")

@@ -1,0 +1,94 @@
+"""The one-command Playpen protocol on the tiny model: every stage runs, is evaluated and reported,
+a second invocation resumes instead of redoing, and the budget stops new stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tensorflow_datasets as tfds
+
+from tests.playpen_jax.test_tasks import _builders
+from tests.train.tiny_model import make_tiny_model
+from train import experiment
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    data = root / "tfds"
+    with tfds.core.registered.skip_registration():
+        arc, _ = _builders()
+    arc(data_dir=str(data), file_format="array_record").download_and_prepare()
+    return make_tiny_model(str(root / "model")), str(data)
+
+
+def _argv(model, data, out, **over):
+    base = {"model": model, "out_dir": str(out), "train_games": "colourname", "heldout_games": "taboo",
+            "eval_limit": 2, "eval_max_new_tokens": 8, "tasks": "arc_easy,hellaswag",
+            "tasks_data_dir": data, "tasks_limit": 3,
+            "sft": "steps=3;sft.episodes_per_game=2;sft.batch_size=2;batch.max_seq_len=256;"
+                   "games.learner_roles=all;eval.at_start=false;export.hf=true",
+            "dpo": "steps=1;dpo.prefix_episodes=2;dpo.branches=2;dpo.teacher_branches=1;"
+                   "dpo.pairs_per_step=2;rollout.max_new_tokens=4;batch.max_seq_len=256;"
+                   "games.learner_roles=all;eval.at_start=false",
+            "grpo": "steps=1;grpo.group_size=2;grpo.groups_per_step=1;rollout.max_new_tokens=4;"
+                    "batch.max_seq_len=256;games.learner_roles=all;eval.at_start=false"}
+    base.update(over)
+    return ["--config=configs/experiments/playpen_cpu.py"] + [f"--config.{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.slow
+def test_protocol_runs_every_stage_and_reports(setup, tmp_path):
+    model, data = setup
+    out = tmp_path / "exp"
+    assert experiment.main(_argv(model, data, out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["scores"]) == {"base", "sft", "dpo", "grpo"}
+    for label, s in res["scores"].items():
+        assert set(s["train_games"]["games"]) == {"colourname"}, label
+        assert set(s["heldout_games"]["games"]) == {"taboo"}, label
+        assert 0 <= s["train_games"]["clemscore"] <= 100
+        assert s["tasks"]["arc_easy"]["n"] == 3 and "acc" in s["tasks"]["arc_easy"]
+        assert "not prepared" in s["tasks"]["hellaswag"]["error"]
+    stages = res["stages"]
+    assert all(info["status"] == "done" for info in stages.values())
+    # DPO and GRPO start from the SFT model; SFT from the base
+    assert stages["train/sft"]["model"] == model
+    assert stages["train/dpo"]["model"] == stages["train/grpo"]["model"] == str(out / "sft" / "hf")
+    assert (out / "grpo" / "hf" / "model.safetensors").exists()
+    md = (out / "results.md").read_text()
+    assert "| colourname |" in md and "| taboo |" in md and "| **all** |" in md
+    assert "| game | base | sft | dpo | grpo |" in md and "not prepared" in md
+    assert (out / "clemscore.png").read_bytes()[:8] == PNG
+    assert (out / "curves.png").read_bytes()[:8] == PNG
+
+    # a second invocation finds every stage done and redoes none
+    before = (out / "results.json").read_text()
+    assert experiment.main(_argv(model, data, out)) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["stages"] == json.loads(before)["stages"]
+
+
+def test_budget_stops_new_stages(setup, tmp_path):
+    model, data = setup
+    out = tmp_path / "exp"
+    assert experiment.main(_argv(model, data, out, methods="sft", budget_minutes=1e-9)) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["stages"] and all(s["status"] == "skipped (budget)" for s in res["stages"].values())
+    assert "skipped (budget)" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"methods": "sft,ppo"}, "config.methods"),
+    ({"methods": "grpo", "init": "sft"}, "config.init"),
+    ({"eval_limit": 0}, "config.eval_limit"),
+    ({"grpo": "steps"}, "not KEY=VALUE"),
+])
+def test_bad_experiment_configs_give_one_line(setup, tmp_path, capsys, over, needle):
+    model, data = setup
+    assert experiment.main(_argv(model, data, tmp_path / "x", **over)) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

@@ -1,0 +1,331 @@
+"""The Playpen protocol end to end, as one command: baseline, SFT, DPO, GRPO, and their evaluations.
+
+    python -m train.experiment --config=configs/experiments/playpen_cpu.py [--config.key=value ...]
+
+Stages, each a `train.main` run (or `playpen_jax.tasks`) in its own directory under `out_dir`:
+
+1. `eval/base`: the starting model's clemscore on `eval_limit` unseen (`eval_split`) instances of
+   every training game and every held-out game, and its TFDS benchmark scores (`tasks`, read from
+   `tasks_data_dir`; a task whose dataset is not prepared there is reported as such).
+2. `sft`: SFT on the strong programmatic players' episodes of the training games.
+3. `dpo`, `grpo`: each starting from the SFT stage's model (`init=sft`) or the base model.
+4. `eval/<method>`: every trained model evaluated as in 1.
+
+A stage whose outputs exist is not run again, and a training stage cut short resumes from its last
+checkpoint: running the command again continues the experiment. `budget_minutes` (0: none) stops
+starting stages once that much wall time has passed in this invocation. The report:
+
+- `results.json`: every score, each stage's wall time and command;
+- `results.md`: clemscore per game per method (training games' unseen instances, held-out games),
+  TFDS scores, and the stages' commands and times, ready for RESULTS.md;
+- `clemscore.png` (per game per method) and `curves.png` (each training stage's reward or loss per
+  step).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Optional
+
+from ml_collections import ConfigDict
+
+from playpen_jax.config import ConfigError, parse
+
+METHODS = ("sft", "dpo", "grpo")
+
+
+class ExperimentError(RuntimeError):
+    """A stage failed; the message names it and its run directory."""
+
+
+def check(c: ConfigDict) -> list:
+    """The training stages to run, after checking the experiment config (ConfigError on a bad value)."""
+    for key in ("out_dir", "model", "train_games", "heldout_games", "eval_split", "methods", "init",
+                "tasks", "tasks_data_dir", "sft", "dpo", "grpo"):
+        if key not in c:
+            raise ConfigError(f"experiment config lacks {key!r} "
+                              "(start from configs/experiments/playpen_cpu.py)")
+    methods = [m.strip() for m in c.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or len(set(methods)) != len(methods):
+        raise ConfigError(f"config.methods={c.methods!r}: expected distinct names from {', '.join(METHODS)}")
+    if c.init not in ("sft", "base") or (c.init == "sft" and "sft" not in methods and
+                                           any(m != "sft" for m in methods)):
+        raise ConfigError(f"config.init={c.init!r}: 'base', or 'sft' with sft among the methods")
+    for key in ("eval_limit", "tasks_limit", "eval_max_new_tokens"):
+        if not isinstance(c[key], int) or c[key] < 1:
+            raise ConfigError(f"config.{key}={c[key]!r}: must be an integer >= 1")
+    if not isinstance(c.budget_minutes, (int, float)) or not c.budget_minutes >= 0:
+        raise ConfigError(f"config.budget_minutes={c.budget_minutes!r}: must be >= 0")
+    for m in methods:
+        _overrides(c, m)
+    return methods
+
+
+def _overrides(c: ConfigDict, method: str) -> list:
+    out = []
+    for part in c[method].split(";"):
+        if not part.strip():
+            continue
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"config.{method}: {part.strip()!r} is not KEY=VALUE")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+class Experiment:
+    def __init__(self, c: ConfigDict, argv: list):
+        self.c = c
+        self.argv = argv
+        self.out = os.path.expanduser(c.out_dir)
+        self.start = time.monotonic()
+        self.path = os.path.join(self.out, "results.json")
+        self.results = {}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.results = json.load(f)
+        self.results.setdefault("stages", {})
+        self.results.setdefault("scores", {})
+
+    # ----- bookkeeping ---------------------------------------------------------------------------
+    def _save(self) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        tmp = self.path + ".partial"
+        with open(tmp, "w") as f:
+            json.dump(self.results, f, indent=2)
+        os.replace(tmp, self.path)
+
+    def out_of_budget(self) -> bool:
+        b = float(self.c.budget_minutes)
+        return b > 0 and time.monotonic() - self.start > 60 * b
+
+    def _stage(self, name: str, fn) -> Optional[dict]:
+        """Runs fn() unless the stage is recorded as done; records its wall time."""
+        done = self.results["stages"].get(name)
+        if done and done.get("status") == "done":
+            return done
+        if self.out_of_budget():
+            self.results["stages"][name] = {"status": "skipped (budget)"}
+            self._save()
+            return None
+        t = time.monotonic()
+        print(f"== {name}", file=sys.stderr)
+        info = fn() or {}
+        info.update({"status": "done", "seconds": round(time.monotonic() - t, 1)})
+        self.results["stages"][name] = info
+        self._save()
+        return info
+
+    @staticmethod
+    def _main(argv: list, where: str) -> None:
+        from train import main as train_main
+
+        code = train_main.main(argv)
+        if code != 0:
+            raise ExperimentError(f"stage {where} failed (exit {code}); its run directory keeps what it "
+                                  f"did; run the experiment again to resume it")
+
+    # ----- stages --------------------------------------------------------------------------------
+    def train(self, method: str, model: str) -> str:
+        run = os.path.join(self.out, method)
+        c = self.c
+
+        def go():
+            resume = os.path.isdir(os.path.join(run, "checkpoints"))
+            argv = [f"--config=configs/{method}.py", f"--config.model.name={model}",
+                    f"--config.run_dir={run}", f"--config.seed={int(c.seed)}",
+                    f"--config.games.names={c.train_games}", f"--config.eval.games={c.train_games}",
+                    "--config.eval.split=validation", "--config.log.progress=false",
+                    f"--config.resume={str(resume).lower()}"]
+            argv += [f"--config.{k}={v}" for k, v in _overrides(c, method)]
+            self._main(argv, method)
+            return {"command": "python -m train.main " + " ".join(argv), "model": model,
+                    "run_dir": run}
+
+        self._stage(f"train/{method}", go)
+        return os.path.join(run, "hf")
+
+    def evaluate(self, label: str, model: str) -> None:
+        c = self.c
+        for part, games in (("train_games", c.train_games), ("heldout_games", c.heldout_games)):
+            run = os.path.join(self.out, "eval", label, part)
+
+            def go(run=run, games=games):
+                import shutil
+
+                shutil.rmtree(run, ignore_errors=True)   # an eval cut short starts over
+                argv = ["--config=configs/eval.py", f"--config.model.name={model}", f"--config.run_dir={run}",
+                        f"--config.seed={int(c.seed)}", f"--config.eval.games={games}",
+                        f"--config.games.names={games}", f"--config.eval.split={c.eval_split}",
+                        f"--config.eval.limit={int(c.eval_limit)}", "--config.log.progress=false",
+                        f"--config.eval.max_new_tokens={int(c.eval_max_new_tokens)}"]
+                self._main(argv, f"eval/{label}/{part}")
+                with open(os.path.join(run, "eval", "step_0", "results.json"), encoding="utf-8") as f:
+                    res = json.load(f)
+                self.results["scores"].setdefault(label, {})[part] = {
+                    "clemscore": res["clemscore"], "played": res["played"], "quality": res["quality"],
+                    "games": {g: s["clemscore"] for g, s in res["games"].items()}}
+                return {"command": "python -m train.main " + " ".join(argv)}
+
+            self._stage(f"eval/{label}/{part}", go)
+        if c.tasks.strip():
+            self._stage(f"tasks/{label}", lambda: self._tasks(label, model))
+
+    def _tasks(self, label: str, model_path: str) -> dict:
+        from models import registry
+        from playpen_jax import tasks
+
+        model = registry.load(model_path)
+        scores = {}
+        for name in [t.strip() for t in self.c.tasks.split(",") if t.strip()]:
+            try:
+                scores[name] = tasks.evaluate(model, [name], os.path.expanduser(self.c.tasks_data_dir),
+                                              limit=int(self.c.tasks_limit))[name]
+            except tasks.TaskError as e:   # e.g. not prepared here: reported, the rest goes on
+                scores[name] = {"error": str(e)}
+        self.results["scores"].setdefault(label, {})["tasks"] = scores
+        return {}
+
+    # ----- the whole protocol --------------------------------------------------------------------
+    def run(self, methods: list) -> None:
+        c = self.c
+        self.results["config"] = c.to_dict()
+        self.results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+        self.results["command"] = "python -m train.experiment " + " ".join(self.argv)
+        self.results["date"] = datetime.date.today().isoformat()
+        self.evaluate("base", c.model)
+        sft_model = None
+        for m in methods:
+            start = sft_model if (m != "sft" and c.init == "sft") else c.model
+            model = self.train(m, start)
+            if self.results["stages"].get(f"train/{m}", {}).get("status") != "done":
+                continue   # skipped for the budget
+            if m == "sft":
+                sft_model = model
+            self.evaluate(m, model)
+        report(self.out, self.results, methods)
+
+
+# ----- the report ------------------------------------------------------------------------------------
+
+def _fmt(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def report(out: str, results: dict, methods: list) -> None:
+    """results.md, clemscore.png and curves.png from results.json's scores and the runs' metrics."""
+    labels = [lb for lb in ["base"] + methods if lb in results["scores"]]
+    scores = results["scores"]
+    lines = [f"# Playpen experiment ({results.get('date', '')}, {results.get('machine', '')})", "",
+             f"`{results.get('command', '')}`", ""]
+    for part, title in (("train_games", "Training games, unseen instances"),
+                        ("heldout_games", "Held-out games")):
+        games = sorted({g for lb in labels for g in scores[lb].get(part, {}).get("games", {})})
+        lines += [f"## {title}: clemscore", "", "| game | " + " | ".join(labels) + " |",
+                  "|---" * (len(labels) + 1) + "|"]
+        for g in games:
+            lines.append(f"| {g} | " + " | ".join(_fmt(scores[lb].get(part, {}).get("games", {}).get(g))
+                                                    for lb in labels) + " |")
+        lines.append("| **all** | " + " | ".join(_fmt(scores[lb].get(part, {}).get("clemscore"))
+                                                  for lb in labels) + " |")
+        lines.append("")
+    tasks = sorted({t for lb in labels for t in scores[lb].get("tasks", {})})
+    if tasks:
+        lines += ["## Standard benchmarks (TFDS): acc / exact match", "",
+                  "| task | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for t in tasks:
+            cells = []
+            for lb in labels:
+                s = scores[lb].get("tasks", {}).get(t, {})
+                if "error" in s:
+                    cells.append("not prepared" if "not prepared" in s["error"] else "error")
+                else:
+                    cells.append(_fmt(s.get("acc", s.get("exact_match"))))
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | status | minutes |", "|---|---|---|"]
+    for name, info in results["stages"].items():
+        secs = info.get("seconds")
+        lines.append(f"| {name} | {info.get('status')} | {'-' if secs is None else f'{secs / 60:.1f}'} |")
+    lines += [""] + [f"- `{name}`: `{info['command']}`" for name, info in results["stages"].items()
+                     if "command" in info]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plots(out, results, labels, methods)
+
+
+def _plots(out: str, results: dict, labels: list, methods: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from playpen_jax.metrics import read_jsonl
+
+    scores = results["scores"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, part, title in ((axes[0], "train_games", "training games, unseen instances"),
+                            (axes[1], "heldout_games", "held-out games")):
+        games = sorted({g for lb in labels for g in scores[lb].get(part, {}).get("games", {})}) + ["all"]
+        x = np.arange(len(games))
+        width = 0.8 / max(1, len(labels))
+        for i, lb in enumerate(labels):
+            s = scores[lb].get(part, {})
+            vals = [s.get("games", {}).get(g, np.nan) if g != "all" else s.get("clemscore", np.nan)
+                    for g in games]
+            ax.bar(x + i * width, [0 if v is None else v for v in vals], width, label=lb)
+        ax.set_xticks(x + width * (len(labels) - 1) / 2, games, rotation=45, ha="right")
+        ax.set_ylabel("clemscore")
+        ax.set_title(title)
+        if labels:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "clemscore.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        path = os.path.join(out, m, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        rows = [r for r in read_jsonl(path) if r.get("split") == "train"]
+        key = "reward" if m == "grpo" else "loss"
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=f"{m} {key}")
+    ax.set_xlabel("step")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        c = parse(argv)
+        methods = check(c)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    exp = Experiment(c, argv)
+    try:
+        exp.run(methods)
+    except ExperimentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"results: {os.path.join(exp.out, 'results.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
