@@ -69,7 +69,7 @@ def test_an_existing_run_dir_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_two_variants_on_the_tiny_model_write_curves_table_and_json(tmp_path, capsys):
-    summary = bench.main([f"--out={tmp_path}", "--steps=2", "--variants=dapo,GSPO", "--set=grpo.group_size=4",
+    summary = bench.main([f"--out={tmp_path}", "--steps=2", "--variants=dapo,GSPO", "--set=grpo.group_size=2",
                           "--set=grpo.groups_per_step=2"])
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == json.loads(json.dumps(summary))

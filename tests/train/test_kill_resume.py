@@ -59,7 +59,7 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, times", [(0, 1), (1, 1), (2, 2)])
+@pytest.mark.parametrize("seed, times", [(0, 1), (2, 2)])
 def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(straight, tmp_path, seed, times):
     model, final, straight_run = straight
     rng = np.random.default_rng(seed)
