@@ -138,7 +138,11 @@ class Experiment:
         c = self.c
 
         def go():
+            import shutil
+
             resume = os.path.isdir(os.path.join(run, "checkpoints"))
+            if not resume:   # killed before its first checkpoint: start over, without its old metrics
+                shutil.rmtree(run, ignore_errors=True)
             argv = [f"--config=configs/{method}.py", f"--config.model.name={model}",
                     f"--config.run_dir={run}", f"--config.seed={int(c.seed)}",
                     f"--config.games.names={c.train_games}", f"--config.eval.games={c.train_games}",
