@@ -24,6 +24,7 @@ starting stages once that much wall time has passed in this invocation. The repo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -313,6 +314,48 @@ def _plots(out: str, results: dict, labels: list, methods: list) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def _lock(out: str):
+    """Holds `out/experiment.pid` while the experiment runs: a second invocation on the same out_dir
+    (whose stages would write into the same run directories) is refused while the first is alive."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "experiment.pid")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and _alive(pid):
+                raise ExperimentError(f"{out} is in use by another run of this experiment (pid {pid}); "
+                                      f"wait for it or stop it first") from None
+            os.remove(path)   # left by a run that is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -323,7 +366,8 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     exp = Experiment(c, argv)
     try:
-        exp.run(methods)
+        with _lock(exp.out):
+            exp.run(methods)
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -92,3 +92,23 @@ def test_bad_experiment_configs_give_one_line(setup, tmp_path, capsys, over, nee
     assert experiment.main(_argv(model, data, tmp_path / "x", **over)) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(setup, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    model, data = setup
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "experiment.pid").write_text(str(os.getpid()))   # a live process holds it
+    assert experiment.main(_argv(model, data, out, methods="sft", budget_minutes=1e-9)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "in use by another run" in err and len(err.splitlines()) == 1
+    # a lock left by a process that is gone is taken over, and released at the end
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (out / "experiment.pid").write_text(gone)
+    assert experiment.main(_argv(model, data, out, methods="sft", budget_minutes=1e-9)) == 0
+    assert not (out / "experiment.pid").exists()
