@@ -44,10 +44,6 @@ MODES = ("full", "lora", "qlora-int8", "qlora-int4")
 MB = 2 ** 20
 
 
-def _nbytes(tree) -> int:
-    return quant.nbytes(tree)
-
-
 def run_mode(mode: str, cfg, params, batch, c, rank: int, repeats: int, mesh, block: int = 32) -> dict:
     optimizer = train_step.make_optimizer(c.optimizer, 1000)
     loss_fn = grpo.make_loss_fn(cfg, c, int(c.rollout.max_new_tokens))
@@ -73,8 +69,8 @@ def run_mode(mode: str, cfg, params, batch, c, rank: int, repeats: int, mesh, bl
     compiled = fn.lower(state, device_batch, extra).compile()
     mem = compiled.memory_analysis()
     temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-    held = {"base": _nbytes(base), "reference": _nbytes(params) if mode == "full" else 0,
-            "trained": _nbytes(state["params"]), "optimizer": _nbytes(state["opt_state"])}
+    held = {"base": quant.nbytes(base), "reference": quant.nbytes(params) if mode == "full" else 0,
+            "trained": quant.nbytes(state["params"]), "optimizer": quant.nbytes(state["opt_state"])}
     metrics = {}
 
     def call():

@@ -172,13 +172,16 @@ def _leaf_elems(shape, axes, mesh: AbstractMesh) -> int:
     return n
 
 
-def _params_elems(config: LlamaConfig, mesh: AbstractMesh) -> int:
-    axes = llama.param_axes(config)
-    shapes = llama.param_shapes(config)
+def _tree_elems(axes, shapes, mesh: AbstractMesh) -> int:
+    """Elements a chip holds of every leaf of a tree of logical axes and the matching shapes."""
     is_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
     pairs = zip(jax.tree_util.tree_leaves(axes, is_leaf=is_leaf),
                 jax.tree_util.tree_leaves(shapes, is_leaf=is_leaf))
     return sum(_leaf_elems(shape, ax, mesh) for ax, shape in pairs)
+
+
+def _params_elems(config: LlamaConfig, mesh: AbstractMesh) -> int:
+    return _tree_elems(llama.param_axes(config), llama.param_shapes(config), mesh)
 
 
 def _layer_elems(config: LlamaConfig, mesh: AbstractMesh) -> int:
@@ -216,10 +219,7 @@ def _base_bytes(config: LlamaConfig, mesh: AbstractMesh, pb: int, quantize: str,
 def _lora_elems(config: LlamaConfig, spec, mesh: AbstractMesh) -> int:
     from models import lora
 
-    is_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
-    pairs = zip(jax.tree_util.tree_leaves(lora.param_axes(config, spec), is_leaf=is_leaf),
-                jax.tree_util.tree_leaves(lora.param_shapes(config, spec), is_leaf=is_leaf))
-    return sum(_leaf_elems(shape, ax, mesh) for ax, shape in pairs)
+    return _tree_elems(lora.param_axes(config, spec), lora.param_shapes(config, spec), mesh)
 
 
 def _split(n: int, by: int) -> int:
