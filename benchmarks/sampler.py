@@ -2,6 +2,7 @@
 
     python -m benchmarks.sampler                      # embedded SmolLM2-135M-Instruct, f32, CPU
     python -m benchmarks.sampler --preset=llama-3.2-1b --dtype=bfloat16 --batches=1,8,32,64
+    python -m benchmarks.sampler --matmul_dtype=bfloat16   # f32 activations, bf16 weight matmuls
 
 Every engine decodes greedily exactly `--new_tokens` tokens (EOS ignored) after the same chat
 prompt, repeated `batch` times; time includes prefill. Peers: transformers `generate` (torch, same
@@ -60,6 +61,9 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default=None, help="random weights of a preset shape")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--matmul_dtype", default="", choices=("", "float32", "bfloat16"),
+                   help="ours runs the weight matmuls in this dtype (f32 accumulation), from a copy "
+                        "of the weights in it; activations stay --dtype (default: --dtype)")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--peer_batches", default="1,8,32", help="batches to time transformers at")
@@ -73,12 +77,14 @@ def main(argv=None):
     n_new = args.new_tokens
 
     if args.preset:
-        cfg = preset(args.preset, param_dtype=args.dtype, dtype=args.dtype)
+        cfg = preset(args.preset, param_dtype=args.dtype, dtype=args.dtype,
+                     matmul_dtype=args.matmul_dtype or None)
         params = llama.init(cfg, jax.random.PRNGKey(0))
         prompt = list(np.random.default_rng(0).integers(100, 1000, 40))
         name, gguf_path = f"{args.preset} (random weights)", None
     else:
-        model = registry.load(registry.DEFAULT_MODEL, param_dtype=args.dtype, dtype=args.dtype)
+        model = registry.load(registry.DEFAULT_MODEL, param_dtype=args.dtype, dtype=args.dtype,
+                              matmul_dtype=args.matmul_dtype or None)
         cfg, params, name = model.config, model.params, registry.DEFAULT_MODEL
         prompt = model.tokenizer.encode_chat(PROMPT, add_generation_prompt=True).ids
         gguf_path = model.path
@@ -94,14 +100,16 @@ def main(argv=None):
         ours = lora.attach(ours, ad, spec)
     variant = ([f"{args.quantize} base"] if args.quantize != "none" else []) + (
         [f"LoRA rank {args.lora_rank} unmerged"] if args.lora_rank else [])
+    if cfg.mixed_matmuls:
+        variant.append(f"{args.matmul_dtype} weight matmuls")
     if variant:
         name += f" [ours: {', '.join(variant)}]"
     peer_batches = [int(b) for b in args.peer_batches.split(",")]
 
-    roof = matmul_roof(cfg.jnp_dtype, 8192 if on_gpu else 2048)
+    roof = matmul_roof(cfg.jnp_matmul_dtype, 8192 if on_gpu else 2048)
     bandwidth = memory_bandwidth(on_gpu)
     flops_tok = model_flops_per_token(cfg, len(prompt) + n_new // 2)
-    weight_bytes = quant.nbytes(ours)
+    weight_bytes = quant.nbytes(llama.matmul_weights(ours, cfg))   # what a decode step reads
 
     notes, hf = [], None
     if not args.no_transformers:

@@ -45,6 +45,10 @@ class LlamaConfig:
     eos_token_ids: tuple = ()
     param_dtype: str = "float32"  # storage dtype of the weights
     dtype: str = "float32"  # compute dtype of activations and matmuls; logits are always f32
+    # Inputs of the weight matmuls (projections, LM head) when narrower than `dtype`, e.g. bfloat16
+    # under float32 activations: both operands are cast to it, products accumulate in float32 and
+    # the result is `dtype` again (norms, rope, softmax, residuals stay in `dtype`). None: `dtype`.
+    matmul_dtype: Optional[str] = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -55,7 +59,9 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model config: num_heads={self.num_heads} is not a multiple of "
                               f"num_kv_heads={self.num_kv_heads}")
-        for name in ("param_dtype", "dtype"):
+        for name in ("param_dtype", "dtype", "matmul_dtype"):
+            if name == "matmul_dtype" and self.matmul_dtype is None:
+                continue
             if getattr(self, name) not in _DTYPES:
                 raise ConfigError(f"model config: {name} must be one of {sorted(_DTYPES)}, "
                                   f"got {getattr(self, name)!r}")
@@ -71,6 +77,15 @@ class LlamaConfig:
     @property
     def jnp_dtype(self):
         return _DTYPES[self.dtype]
+
+    @property
+    def jnp_matmul_dtype(self):
+        return _DTYPES[self.matmul_dtype or self.dtype]
+
+    @property
+    def mixed_matmuls(self) -> bool:
+        """Whether the weight matmuls run in a narrower dtype than the activations."""
+        return self.jnp_matmul_dtype != self.jnp_dtype
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)

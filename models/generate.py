@@ -110,6 +110,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="param and compute dtype")
+    p.add_argument("--matmul_dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype of the weight matmuls' inputs (f32 accumulation); default: --dtype")
     p.add_argument("--tokenizer", default=None, help="tokenizer path, if not beside the model")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -123,7 +125,7 @@ def main(argv: Optional[list] = None) -> int:
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             ids, chats = [0], [msgs + [{"role": "user", "content": args.prompt}]]
         model = registry.load(args.model, tokenizer_path=args.tokenizer, param_dtype=args.dtype,
-                              dtype=args.dtype)
+                              dtype=args.dtype, matmul_dtype=args.matmul_dtype)
         sampler = make_sampler(model)
         kw = dict(sampler=sampler, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop_strings=args.stop)

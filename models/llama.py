@@ -39,6 +39,7 @@ from models.lora import project
 Params = dict
 KVCache = dict
 
+_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _NEG_INF = -1e30  # finite, so that fully masked (padding) rows give a uniform softmax, not NaN
 
 
@@ -112,6 +113,33 @@ def unstack_layers(params: Params) -> Params:
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     return {**params, "layers": [jax.tree_util.tree_map(lambda a, i=i: a[i], layers)
                                  for i in range(n)]}
+
+
+def matmul_weights(params: Params, config: LlamaConfig) -> Params:
+    """params with the weights that only enter matmuls (projections; the LM head, or the embedding
+    when tied) cast to `config.matmul_dtype` where that is narrower: a copy to decode from, so each
+    step reads the narrow weights instead of casting the wide ones. Unchanged otherwise."""
+    if not config.mixed_matmuls:
+        return params
+    mm = config.jnp_matmul_dtype
+
+    def cast(x):
+        if isinstance(x, jax.Array) and jnp.dtype(x.dtype).itemsize > jnp.dtype(mm).itemsize:
+            return x.astype(mm)
+        return x
+
+    def layer(lp: dict) -> dict:
+        return {k: cast(v) if k in _PROJECTIONS else v for k, v in lp.items()}
+
+    out = dict(params)
+    layers = params["layers"]
+    out["layers"] = ([layer(lp) for lp in layers] if isinstance(layers, (list, tuple))
+                     else layer(layers))
+    if config.tie_word_embeddings:   # a separate [D, V] head; the lookup keeps the wide table
+        out["lm_head"] = params["embed"].T.astype(mm)
+    else:
+        out["lm_head"] = cast(params["lm_head"])
+    return out
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None,
@@ -191,13 +219,18 @@ def _attention(q, k, v, mask):
         scores = jnp.where(mask[:, 0][:, None, None, :], scores / math.sqrt(dh), _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, dh)
-    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(dh)
+    # The query heads of one KV head and the positions as one axis [B, K, G*T, Dh]: both dots are
+    # then plain batched matmuls over (B, K) with no transposed operand or output, which XLA:CPU
+    # runs 2-4x faster than the same contractions with T between the head axes; the two small
+    # transposes are of q and of the output only.
+    g = h // kv_heads
+    q = q.reshape(b, t, kv_heads, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, dh)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv_heads, g, t, -1) / math.sqrt(dh)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv_heads, g, t, dh)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 HIDDEN_AXES = ("batch", "seq", None)   # logical axes of the hidden states between blocks
@@ -229,11 +262,12 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
     [L, B, K, S, Dh] cache, updated in place at this layer's slots index..index+T-1; or
     (k, v, None) with this layer's own [B, K, S, Dh] arrays."""
     dt = config.jnp_dtype
+    mm = config.jnp_matmul_dtype if config.mixed_matmuls else None
     lo = lp.get("lora")
     h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    q = project("btd,dhk->bthk", h, lp["wq"], lo, "wq", dt)
-    k = project("btd,dhk->bthk", h, lp["wk"], lo, "wk", dt)
-    v = project("btd,dhk->bthk", h, lp["wv"], lo, "wv", dt)
+    q = project("btd,dhk->bthk", h, lp["wq"], lo, "wq", dt, mm)
+    k = project("btd,dhk->bthk", h, lp["wk"], lo, "wk", dt, mm)
+    v = project("btd,dhk->bthk", h, lp["wv"], lo, "wv", dt, mm)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh], the cache layout
     if cache is not None and cache[2] is None:  # this layer's own [B, K, S, Dh] arrays
@@ -250,20 +284,22 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
         k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
         cache = (k_all, v_all)
     attn = _attention(q, k, v, mask)
-    x = x + project("bthk,hkd->btd", attn, lp["wo"], lo, "wo", dt)
+    x = x + project("bthk,hkd->btd", attn, lp["wo"], lo, "wo", dt, mm)
     h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gate = project("btd,df->btf", h, lp["w_gate"], lo, "w_gate", dt)
-    up = project("btd,df->btf", h, lp["w_up"], lo, "w_up", dt)
-    x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"], lo, "w_down", dt)
+    gate = project("btd,df->btf", h, lp["w_gate"], lo, "w_gate", dt, mm)
+    up = project("btd,df->btf", h, lp["w_up"], lo, "w_up", dt, mm)
+    x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"], lo, "w_down", dt, mm)
     return _laid_out(x), cache
 
 
 def lm_head(params: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
     """Logits (f32) of final hidden states x [..., D]."""
-    if config.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(config.jnp_dtype),
+    mm = config.jnp_matmul_dtype
+    x = x.astype(mm)
+    if "lm_head" not in params:   # tied (`matmul_weights` may add a separate narrow head)
+        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(mm),
                           preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(config.jnp_dtype),
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(mm),
                       preferred_element_type=jnp.float32)
 
 

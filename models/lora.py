@@ -124,11 +124,19 @@ def attach(base: dict, adapters: dict, spec: LoraSpec, rng: Optional[jax.Array] 
     return {**base, "layers": [{**lp, "lora": lo} for lp, lo in zip(layers, per)]}
 
 
-def project(spec_str: str, x: jax.Array, w, lora: Optional[dict], name: str, dtype) -> jax.Array:
+def project(spec_str: str, x: jax.Array, w, lora: Optional[dict], name: str, dtype,
+            matmul_dtype=None) -> jax.Array:
     """einsum(spec_str, x, W) of one projection, W float or quantized, plus its adapter's
-    scale * (dropout(x) A) B when `lora` (a layer's "lora" entry) has one for `name`."""
-    w = quant.dequantize(w, dtype) if quant.is_quantized(w) else w.astype(dtype)
-    y = jnp.einsum(spec_str, x, w)
+    scale * (dropout(x) A) B when `lora` (a layer's "lora" entry) has one for `name`.
+
+    matmul_dtype (narrower than dtype): x and W enter the product in it, accumulated in float32,
+    and the result is `dtype` (`LlamaConfig.matmul_dtype`); the adapter's path stays in dtype."""
+    wd = matmul_dtype or dtype
+    w = quant.dequantize(w, wd) if quant.is_quantized(w) else w.astype(wd)
+    if matmul_dtype is None:
+        y = jnp.einsum(spec_str, x, w)
+    else:
+        y = jnp.einsum(spec_str, x.astype(wd), w, preferred_element_type=jnp.float32).astype(dtype)
     if lora is None or name not in lora:
         return y
     ins, out = spec_str.split("->")

@@ -106,6 +106,8 @@ class Sampler:
     mesh: optional; the batch is split over its ("data", "fsdp") axes, and the KV cache's heads
     over "tensor" where they divide. Params are used with whatever sharding they already have.
     unstack_layers: decode from per-layer copies of the weights (default: on CPU only).
+    With `config.matmul_dtype` narrower than the weights, the sampler decodes from a copy of the
+    matmul weights in that dtype (made once per params object, like the per-layer copies).
     """
 
     def __init__(self, config: LlamaConfig, *, mesh: Optional[Mesh] = None, pad_id: int = 0,
@@ -116,7 +118,14 @@ class Sampler:
         # On CPU, decoding from per-layer arrays avoids copying every layer's weights out of the
         # stacked arrays at each step (XLA:CPU materialises those slices); elsewhere keep the scan.
         self.unstack = (jax.default_backend() == "cpu") if unstack_layers is None else unstack_layers
-        self._unstack_fn = jax.jit(llama.unstack_layers)
+        unstack = self.unstack
+
+        def prepare(params):
+            params = llama.unstack_layers(params) if unstack else params
+            return llama.matmul_weights(params, config)
+
+        self._prepare_fn = jax.jit(prepare)
+        self._prepares = self.unstack or config.mixed_matmuls
         self.mesh = mesh
         self.pad_id = pad_id
         self.batch_buckets = tuple(batch_buckets)
@@ -162,14 +171,15 @@ class Sampler:
         s = self._batch_sharding(x.ndim)
         return jax.device_put(x, s) if s is not None else jnp.asarray(x)
 
-    def _unstacked(self, params):
-        """Per-layer copies of `params`, made once per params object (a rollout calls generate
-        many times with the same weights)."""
+    def _prepared(self, params):
+        """Per-layer copies of `params` and/or their matmul weights in `matmul_dtype`, made once per
+        params object (a rollout calls generate many times with the same weights)."""
         leaves = jax.tree_util.tree_leaves(params)
         last = getattr(self, "_last_unstacked", None)
         if last is None or len(last[0]) != len(leaves) or any(
                 a is not b for a, b in zip(last[0], leaves)):
-            self._last_unstacked = (leaves, self._unstack_fn(params))
+            self._last_unstacked = None   # free the previous copy first
+            self._last_unstacked = (leaves, self._prepare_fn(params))
         return self._last_unstacked[1]
 
     # --- compiled pieces -------------------------------------------------------------------
@@ -265,8 +275,8 @@ class Sampler:
         prompt_lengths = segments.sum(axis=1).astype(np.int32)
         tokens, positions, segments = map(self._put, (tokens, positions, segments))
 
-        if self.unstack:
-            params = self._unstacked(params)
+        if self._prepares:
+            params = self._prepared(params)
         sig = (jax.tree_util.tree_structure(params),   # e.g. with or without LoRA adapters
                tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
                      for x in jax.tree_util.tree_leaves(params)))

@@ -11,6 +11,9 @@ Stages, each a `train.main` run (or `playpen_jax.tasks`) in its own directory un
 3. `dpo`, `grpo`: each starting from the SFT stage's model (`init=sft`) or the base model.
 4. `eval/<method>`: every trained model evaluated as in 1.
 
+`common` holds overrides (`;`-separated KEY=VALUE) given to every training and game-evaluation
+stage, e.g. `model.matmul_dtype=bfloat16`; `sft`, `dpo`, `grpo` those of one training stage.
+
 A stage whose outputs exist is not run again, and a training stage cut short resumes from its last
 checkpoint: running the command again continues the experiment. `budget_minutes` (0: none) stops
 starting stages once that much wall time has passed in this invocation. The report:
@@ -64,14 +67,15 @@ def check(c: ConfigDict) -> list:
             raise ConfigError(f"config.{key}={c[key]!r}: must be an integer >= 1")
     if not isinstance(c.budget_minutes, (int, float)) or not c.budget_minutes >= 0:
         raise ConfigError(f"config.budget_minutes={c.budget_minutes!r}: must be >= 0")
-    for m in methods:
+    for m in ["common"] + methods:
         _overrides(c, m)
     return methods
 
 
 def _overrides(c: ConfigDict, method: str) -> list:
+    """(key, value) pairs of `c[method]` ("common": those of every stage, evaluations included)."""
     out = []
-    for part in c[method].split(";"):
+    for part in c.get(method, "").split(";"):
         if not part.strip():
             continue
         key, eq, value = part.partition("=")
@@ -149,7 +153,7 @@ class Experiment:
                     f"--config.games.names={c.train_games}", f"--config.eval.games={c.train_games}",
                     "--config.eval.split=validation", "--config.log.progress=false",
                     f"--config.resume={str(resume).lower()}"]
-            argv += [f"--config.{k}={v}" for k, v in _overrides(c, method)]
+            argv += [f"--config.{k}={v}" for k, v in _overrides(c, "common") + _overrides(c, method)]
             self._main(argv, method)
             return {"command": "python -m train.main " + " ".join(argv), "model": model,
                     "run_dir": run}
@@ -171,6 +175,7 @@ class Experiment:
                         f"--config.games.names={games}", f"--config.eval.split={c.eval_split}",
                         f"--config.eval.limit={int(c.eval_limit)}", "--config.log.progress=false",
                         f"--config.eval.max_new_tokens={int(c.eval_max_new_tokens)}"]
+                argv += [f"--config.{k}={v}" for k, v in _overrides(c, "common")]
                 self._main(argv, f"eval/{label}/{part}")
                 with open(os.path.join(run, "eval", "step_0", "results.json"), encoding="utf-8") as f:
                     res = json.load(f)

@@ -113,7 +113,8 @@ class Run:
         self.model = model_registry.load(
             c.model.name, tokenizer_path=c.model.tokenizer or None,
             shardings=lambda cfg: train_step.param_shardings(cfg, self.mesh),
-            param_dtype=c.model.param_dtype, dtype=c.model.dtype)
+            param_dtype=c.model.param_dtype, dtype=c.model.dtype,
+            matmul_dtype=c.model.get("matmul_dtype") or None)
         self.mcfg = self.model.config
         self.lora = None
         if int(c.lora.rank) > 0:

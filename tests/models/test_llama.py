@@ -134,6 +134,46 @@ def test_bf16_policy_keeps_f32_logits():
     assert 0 < err < 0.05  # bf16 really ran (not bit-equal) and stays close
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_weight_matmuls_under_f32_activations(tied):
+    """matmul_dtype=bfloat16: the projections and the LM head multiply bf16 operands into f32 (seen
+    in the jaxpr), everything else stays f32, and the logits stay close to the f32 model's."""
+    cfg = tiny_config(tie_word_embeddings=tied)
+    params = llama.init(cfg, jax.random.PRNGKey(2))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12)))
+    ref = np.asarray(llama.forward(params, tokens, config=cfg)[0])
+    mixed = cfg.replace(matmul_dtype="bfloat16")
+    assert mixed.mixed_matmuls and not cfg.mixed_matmuls
+    fwd = lambda p: llama.forward(p, tokens, config=mixed)[0]  # noqa: E731
+    jaxpr = jax.make_jaxpr(fwd)(params)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    dots += [e for eq in jaxpr.jaxpr.eqns for sub in jax.core.jaxprs_in_params(eq.params)
+             for e in sub.eqns if e.primitive.name == "dot_general"]
+    narrow = [e for e in dots if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in narrow)
+    assert len(narrow) == 7 + 1   # the seven projections (in the layer scan) and the LM head
+    wide = [e for e in dots if e not in narrow]
+    assert all(v.aval.dtype == jnp.float32 for e in wide for v in e.invars)
+    assert len(wide) == 2 + 3   # attention's two dots and the three RMSNorm mean squares stay f32
+    out = np.asarray(jax.jit(fwd)(params))
+    assert out.dtype == np.float32
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.02
+    # The decode copy: matmul weights in bf16, norms and (untied) embedding untouched.
+    copy = llama.matmul_weights(params, mixed)
+    assert copy["layers"]["wq"].dtype == jnp.bfloat16 and copy["layers"]["attn_norm"].dtype == jnp.float32
+    assert copy["embed"] is params["embed"] and copy["lm_head"].dtype == jnp.bfloat16
+    assert llama.matmul_weights(params, cfg) is params
+    np.testing.assert_allclose(np.asarray(jax.jit(fwd)(copy)), out, rtol=0, atol=1e-5)
+
+
+def test_matmul_dtype_is_checked():
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="matmul_dtype must be one of"):
+        tiny_config(matmul_dtype="int8")
+
+
 def test_param_axes_cover_every_leaf():
     for tied in (False, True):
         cfg = tiny_config(tie_word_embeddings=tied)

@@ -200,6 +200,30 @@ def test_bad_arguments(params):
         sampler.generate(params, [[1]], stop_strings=["x"])
 
 
+@pytest.mark.parametrize("unstack", [False, True])
+def test_bf16_weight_matmuls_decode_like_their_forward(params, unstack):
+    """With matmul_dtype=bfloat16 the sampler decodes from a bf16 copy of the matmul weights and its
+    greedy tokens and log-probs are those of the same mixed-precision model's full forward."""
+    mixed = CFG.replace(matmul_dtype="bfloat16")
+    full = jax.jit(lambda p, t, s: llama.forward(p, t, segment_ids=s, config=mixed)[0])
+    sampler = Sampler(mixed, unstack_layers=unstack)
+    out = sampler.generate(params, PROMPTS, max_new_tokens=8, temperature=0)
+    copy = sampler._last_unstacked[1]
+    wq = copy["layers"][0]["wq"] if unstack else copy["layers"]["wq"]
+    assert wq.dtype == jnp.bfloat16
+    for i, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        for j in range(8):
+            tokens = np.zeros((1, 32), np.int32)
+            tokens[0, : len(seq)] = seq
+            segments = (np.arange(32) < len(seq)).astype(np.int32)[None]
+            logits = full(params, jnp.asarray(tokens), jnp.asarray(segments))[0, len(seq) - 1]
+            token = out.row(i)[j]
+            assert logits[token] >= logits.max() - 1e-4   # the argmax, up to ties within rounding
+            assert abs(out.logprobs[i][j] - float(jax.nn.log_softmax(logits)[token])) <= 1e-3
+            seq.append(token)
+
+
 def test_unstacked_copy_is_reused_until_params_change(params):
     sampler = Sampler(CFG, unstack_layers=True)
     a = sampler.generate(params, [[1, 2]], max_new_tokens=4, temperature=0)

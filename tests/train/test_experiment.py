@@ -55,6 +55,11 @@ def test_protocol_runs_every_stage_and_reports(setup, tmp_path):
         assert "not prepared" in s["tasks"]["hellaswag"]["error"]
     stages = res["stages"]
     assert all(info["status"] == "done" for info in stages.values())
+    # `common` reaches every training and game-evaluation stage
+    runs = [k for k in stages if not k.startswith("tasks/")]
+    assert len(runs) == 3 + 4 * 2
+    assert all("--config.model.matmul_dtype=bfloat16" in stages[k]["command"] for k in runs)
+    assert json.loads((out / "grpo" / "config.json").read_text())["model"]["matmul_dtype"] == "bfloat16"
     # DPO and GRPO start from the SFT model; SFT from the base
     assert stages["train/sft"]["model"] == model
     assert stages["train/dpo"]["model"] == stages["train/grpo"]["model"] == str(out / "sft" / "hf")
@@ -86,6 +91,7 @@ def test_budget_stops_new_stages(setup, tmp_path):
     ({"methods": "grpo", "init": "sft"}, "config.init"),
     ({"eval_limit": 0}, "config.eval_limit"),
     ({"grpo": "steps"}, "not KEY=VALUE"),
+    ({"common": "model.matmul_dtype"}, "config.common"),
 ])
 def test_bad_experiment_configs_give_one_line(setup, tmp_path, capsys, over, needle):
     model, data = setup

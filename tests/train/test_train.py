@@ -46,6 +46,7 @@ def _metrics(run_dir, split="train"):
     (["--config=configs/grpo.py", "--config.steps=abc"], "config.steps='abc'"),
     (["--config=configs/grpo.py", "--config.grpo.kl=k9"], "'k1', 'k2', 'k3', 'none'"),
     (["--config=configs/grpo.py", "--config.mesh.data=0"], "mesh.data"),
+    (["--config=configs/grpo.py", "--config.model.matmul_dtype=int8"], "model.matmul_dtype"),
     (["--config=configs/sft.py", "--config.grpo.beta=0"], "'grpo' is not in config"),
     (["--config=configs/dpo.py", "--config.dpo.branches=1", "--config.dpo.teacher_branches=0"],
      "at least 2"),
