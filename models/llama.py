@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import LlamaConfig
-from models.lora import project
+from models.lora import mixed_einsum, project
 
 Params = dict
 KVCache = dict
@@ -295,12 +295,12 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index):
 def lm_head(params: Params, x: jax.Array, config: LlamaConfig) -> jax.Array:
     """Logits (f32) of final hidden states x [..., D]."""
     mm = config.jnp_matmul_dtype
-    x = x.astype(mm)
+    flat = x.reshape(-1, x.shape[-1])
     if "lm_head" not in params:   # tied (`matmul_weights` may add a separate narrow head)
-        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(mm),
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(mm),
-                      preferred_element_type=jnp.float32)
+        logits = mixed_einsum("nd,vd->nv", flat, params["embed"], mm)
+    else:
+        logits = mixed_einsum("nd,dv->nv", flat, params["lm_head"], mm)
+    return logits.reshape(x.shape[:-1] + logits.shape[-1:])
 
 
 def forward(

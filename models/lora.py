@@ -19,6 +19,7 @@ loads the adapters onto the transformers model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -124,6 +125,34 @@ def attach(base: dict, adapters: dict, spec: LoraSpec, rng: Optional[jax.Array] 
     return {**base, "layers": [{**lp, "lora": lo} for lp, lo in zip(layers, per)]}
 
 
+def _mixed_einsum_fwd(spec_str, x, w, matmul_dtype):
+    return mixed_einsum(spec_str, x, w, matmul_dtype), (x, w)
+
+
+def _mixed_einsum_bwd(spec_str, matmul_dtype, res, g):
+    x, w = res
+    ins, ys = spec_str.split("->")
+    xs, ws = ins.split(",")
+    g = g.astype(matmul_dtype)
+    dx = jnp.einsum(f"{ys},{ws}->{xs}", g, w.astype(matmul_dtype), preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{xs},{ys}->{ws}", x.astype(matmul_dtype), g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def mixed_einsum(spec_str: str, x: jax.Array, w: jax.Array, matmul_dtype) -> jax.Array:
+    """einsum(spec_str, x, w) on operands cast to `matmul_dtype`, accumulated and returned in f32,
+    and so are both products of its gradient (the cotangent cast to `matmul_dtype`): autodiff of
+    the plain form would multiply the f32 cotangent by the narrow operand, a slow mixed-type matmul.
+    The gradients come back in x's and w's own dtypes. Every index of spec_str must appear in
+    exactly two of its three terms (true of the model's projections)."""
+    return jnp.einsum(spec_str, x.astype(matmul_dtype), w.astype(matmul_dtype),
+                      preferred_element_type=jnp.float32)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
 def project(spec_str: str, x: jax.Array, w, lora: Optional[dict], name: str, dtype,
             matmul_dtype=None) -> jax.Array:
     """einsum(spec_str, x, W) of one projection, W float or quantized, plus its adapter's
@@ -131,12 +160,12 @@ def project(spec_str: str, x: jax.Array, w, lora: Optional[dict], name: str, dty
 
     matmul_dtype (narrower than dtype): x and W enter the product in it, accumulated in float32,
     and the result is `dtype` (`LlamaConfig.matmul_dtype`); the adapter's path stays in dtype."""
-    wd = matmul_dtype or dtype
-    w = quant.dequantize(w, wd) if quant.is_quantized(w) else w.astype(wd)
     if matmul_dtype is None:
+        w = quant.dequantize(w, dtype) if quant.is_quantized(w) else w.astype(dtype)
         y = jnp.einsum(spec_str, x, w)
     else:
-        y = jnp.einsum(spec_str, x.astype(wd), w, preferred_element_type=jnp.float32).astype(dtype)
+        w = quant.dequantize(w, matmul_dtype) if quant.is_quantized(w) else w
+        y = mixed_einsum(spec_str, x, w, matmul_dtype).astype(dtype)
     if lora is None or name not in lora:
         return y
     ins, out = spec_str.split("->")

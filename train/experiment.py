@@ -85,6 +85,26 @@ def _overrides(c: ConfigDict, method: str) -> list:
     return out
 
 
+def train_argv(c: ConfigDict, method: str, model: str, run: str, resume: bool) -> list:
+    """The `train.main` arguments of a training stage."""
+    argv = [f"--config=configs/{method}.py", f"--config.model.name={model}",
+            f"--config.run_dir={run}", f"--config.seed={int(c.seed)}",
+            f"--config.games.names={c.train_games}", f"--config.eval.games={c.train_games}",
+            "--config.eval.split=validation", "--config.log.progress=false",
+            f"--config.resume={str(resume).lower()}"]
+    return argv + [f"--config.{k}={v}" for k, v in _overrides(c, "common") + _overrides(c, method)]
+
+
+def eval_argv(c: ConfigDict, games: str, model: str, run: str) -> list:
+    """The `train.main` arguments of a game evaluation."""
+    argv = ["--config=configs/eval.py", f"--config.model.name={model}", f"--config.run_dir={run}",
+            f"--config.seed={int(c.seed)}", f"--config.eval.games={games}",
+            f"--config.games.names={games}", f"--config.eval.split={c.eval_split}",
+            f"--config.eval.limit={int(c.eval_limit)}", "--config.log.progress=false",
+            f"--config.eval.max_new_tokens={int(c.eval_max_new_tokens)}"]
+    return argv + [f"--config.{k}={v}" for k, v in _overrides(c, "common")]
+
+
 class Experiment:
     def __init__(self, c: ConfigDict, argv: list):
         self.c = c
@@ -148,12 +168,7 @@ class Experiment:
             resume = os.path.isdir(os.path.join(run, "checkpoints"))
             if not resume:   # killed before its first checkpoint: start over, without its old metrics
                 shutil.rmtree(run, ignore_errors=True)
-            argv = [f"--config=configs/{method}.py", f"--config.model.name={model}",
-                    f"--config.run_dir={run}", f"--config.seed={int(c.seed)}",
-                    f"--config.games.names={c.train_games}", f"--config.eval.games={c.train_games}",
-                    "--config.eval.split=validation", "--config.log.progress=false",
-                    f"--config.resume={str(resume).lower()}"]
-            argv += [f"--config.{k}={v}" for k, v in _overrides(c, "common") + _overrides(c, method)]
+            argv = train_argv(c, method, model, run, resume)
             self._main(argv, method)
             return {"command": "python -m train.main " + " ".join(argv), "model": model,
                     "run_dir": run}
@@ -170,12 +185,7 @@ class Experiment:
                 import shutil
 
                 shutil.rmtree(run, ignore_errors=True)   # an eval cut short starts over
-                argv = ["--config=configs/eval.py", f"--config.model.name={model}", f"--config.run_dir={run}",
-                        f"--config.seed={int(c.seed)}", f"--config.eval.games={games}",
-                        f"--config.games.names={games}", f"--config.eval.split={c.eval_split}",
-                        f"--config.eval.limit={int(c.eval_limit)}", "--config.log.progress=false",
-                        f"--config.eval.max_new_tokens={int(c.eval_max_new_tokens)}"]
-                argv += [f"--config.{k}={v}" for k, v in _overrides(c, "common")]
+                argv = eval_argv(c, games, model, run)
                 self._main(argv, f"eval/{label}/{part}")
                 with open(os.path.join(run, "eval", "step_0", "results.json"), encoding="utf-8") as f:
                     res = json.load(f)

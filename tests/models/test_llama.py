@@ -134,6 +134,15 @@ def test_bf16_policy_keeps_f32_logits():
     assert 0 < err < 0.05  # bf16 really ran (not bit-equal) and stays close
 
 
+def _dots(jaxpr):
+    """Every dot_general of a jaxpr, nested ones (scan, custom_vjp, checkpoint) included."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            yield e
+        for sub in jax.core.jaxprs_in_params(e.params):
+            yield from _dots(sub)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_bf16_weight_matmuls_under_f32_activations(tied):
     """matmul_dtype=bfloat16: the projections and the LM head multiply bf16 operands into f32 (seen
@@ -146,9 +155,8 @@ def test_bf16_weight_matmuls_under_f32_activations(tied):
     assert mixed.mixed_matmuls and not cfg.mixed_matmuls
     fwd = lambda p: llama.forward(p, tokens, config=mixed)[0]  # noqa: E731
     jaxpr = jax.make_jaxpr(fwd)(params)
-    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    dots += [e for eq in jaxpr.jaxpr.eqns for sub in jax.core.jaxprs_in_params(eq.params)
-             for e in sub.eqns if e.primitive.name == "dot_general"]
+
+    dots = list(_dots(jaxpr.jaxpr))
     narrow = [e for e in dots if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
     assert all(e.outvars[0].aval.dtype == jnp.float32 for e in narrow)
     assert len(narrow) == 7 + 1   # the seven projections (in the layer scan) and the LM head
@@ -165,6 +173,39 @@ def test_bf16_weight_matmuls_under_f32_activations(tied):
     assert copy["embed"] is params["embed"] and copy["lm_head"].dtype == jnp.bfloat16
     assert llama.matmul_weights(params, cfg) is params
     np.testing.assert_allclose(np.asarray(jax.jit(fwd)(copy)), out, rtol=0, atol=1e-5)
+
+
+def test_bf16_weight_matmuls_gradient():
+    """The gradient under matmul_dtype=bfloat16 multiplies bf16 operands only (its custom rule),
+    comes back in the params' f32, and stays close to the f32 model's gradient."""
+    from train import losses
+
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(3))
+    rng = np.random.default_rng(6)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+    ones = jnp.ones((2, 16), jnp.int32)
+
+    def grad(config):
+        def loss(p):
+            lp, mask = losses.sequence_logprobs(p, tokens, positions, ones, ones.astype(jnp.float32),
+                                                config=config)
+            return losses.sft_loss(lp, mask)[0]
+        return jax.grad(loss), jax.jit(jax.grad(loss))(params)
+
+    _, ref = grad(cfg)
+    fn, got = grad(cfg.replace(matmul_dtype="bfloat16"))
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(ref)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        assert g.dtype == jnp.float32
+        err = float(jnp.abs(g - r).max() / (jnp.abs(r).max() + 1e-12))
+        assert 0 < err < 0.05
+    jaxpr = jax.make_jaxpr(fn)(params)
+
+    mixed = [e for e in _dots(jaxpr.jaxpr) if {v.aval.dtype for v in e.invars} == {jnp.float32, jnp.bfloat16}]
+    narrow = [e for e in _dots(jaxpr.jaxpr) if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    assert not mixed and len(narrow) >= 3 * 8   # forward, input and weight gradients of 7 + 1 matmuls
 
 
 def test_matmul_dtype_is_checked():

@@ -118,3 +118,30 @@ def test_a_second_run_on_the_same_out_dir_is_refused(setup, tmp_path, capsys):
     (out / "experiment.pid").write_text(gone)
     assert experiment.main(_argv(model, data, out, methods="sft", budget_minutes=1e-9)) == 0
     assert not (out / "experiment.pid").exists()
+
+
+@pytest.mark.parametrize("path", ["configs/experiments/playpen_cpu.py",
+                                  "configs/experiments/playpen_8b_tpu.py"])
+def test_every_stage_of_the_shipped_experiments_is_a_valid_run_config(path):
+    """Each training stage's and each evaluation's `train.main` arguments parse and validate (a typo
+    in an override would otherwise surface hours into a run)."""
+    from playpen_jax.config import parse, validate
+
+    c = parse([f"--config={path}"])
+    methods = experiment.check(c)
+    assert methods == ["sft", "dpo", "grpo"]
+    common = dict(experiment._overrides(c, "common"))
+    for m in methods:
+        run = validate(parse(experiment.train_argv(c, m, c.model, "/tmp/run", False)))
+        assert run.method == m and run.model.name == c.model
+        for key, value in list(common.items()) + experiment._overrides(c, m):
+            got = run
+            for part in key.split("."):
+                got = got[part]
+            if isinstance(got, (int, float)) and not isinstance(got, bool):
+                assert got == float(value), (m, key)
+            else:
+                assert str(got).lower() == value.lower(), (m, key)
+    for games in (c.train_games, c.heldout_games):
+        run = validate(parse(experiment.eval_argv(c, games, c.model, "/tmp/run")))
+        assert run.method == "eval" and run.eval.games == games
