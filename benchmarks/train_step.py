@@ -339,6 +339,9 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="a name or path (default: the embedded model)")
     p.add_argument("--random_preset", default=None, help="part 1 on random weights of a preset shape")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--matmul_dtype", default="", choices=("", "float32", "bfloat16"),
+                   help="part 1: the weight matmuls (and their gradients) on operands of this dtype, "
+                        "f32 accumulation, under --dtype activations (default: --dtype)")
     p.add_argument("--sizes", default="2x128,2x256,4x256", help="ROWSxSEQ list for part 1")
     p.add_argument("--beta0_size", default=None, help="ROWSxSEQ to time beta=0 at (default: the last)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per size (the best is kept)")
@@ -361,15 +364,17 @@ def main(argv=None):
     c = grpo_config(args.override)
 
     if args.random_preset:
-        cfg = preset(args.random_preset, param_dtype=args.dtype, dtype=args.dtype)
+        cfg = preset(args.random_preset, param_dtype=args.dtype, dtype=args.dtype,
+                     matmul_dtype=args.matmul_dtype or None)
         params = llama.init(cfg, jax.random.PRNGKey(0))
         name = f"{args.random_preset} (random weights)"
     else:
-        model = registry.load(model_name, param_dtype=args.dtype, dtype=args.dtype)
+        model = registry.load(model_name, param_dtype=args.dtype, dtype=args.dtype,
+                              matmul_dtype=args.matmul_dtype or None)
         cfg, params, name = model.config, model.params, model_name
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
-    roof = matmul_roof(cfg.jnp_dtype, 8192 if on_gpu else 2048) * jax.device_count()
+    roof = matmul_roof(cfg.jnp_matmul_dtype, 8192 if on_gpu else 2048) * jax.device_count()
     mesh = shd.make_mesh({"data": -1})
 
     ours = GrpoStep(cfg, params, c, mesh)
@@ -409,7 +414,8 @@ def main(argv=None):
     if args.iterations:
         part2 = iteration_breakdown(model_name, args.dtype, args.iterations, args.override)
 
-    print(f"\n{name}, {args.dtype}, {jax.device_count()} x {device.device_kind} "
+    mm = f" ({args.matmul_dtype} weight matmuls)" if cfg.mixed_matmuls else ""
+    print(f"\n{name}, {args.dtype}{mm}, {jax.device_count()} x {device.device_kind} "
           f"({platform.machine()}, {os.cpu_count()} cores), matmul roof {roof / 1e9:.1f} GFLOP/s, "
           f"best of {args.repeats} calls\n")
     print("| rows x seq | tokens | ours s | ours tok/s | MFU | bare LM step s | ours / bare |"
@@ -429,7 +435,8 @@ def main(argv=None):
           f"{b0['beta0_seconds']:.2f} s: the reference forward takes {100 * ref_share:.0f}% of the step")
 
     summary = {
-        "model": name, "dtype": args.dtype, "device": device.device_kind, "devices": jax.device_count(),
+        "model": name, "dtype": args.dtype, "matmul_dtype": cfg.matmul_dtype or args.dtype,
+        "device": device.device_kind, "devices": jax.device_count(),
         "roof_gflops": roof / 1e9, "repeats": args.repeats, "rows": rows,
         "tokens_per_second": {f"{r['rows']}x{r['seq']}": r["tokens_per_second"] for r in timed},
         "mfu": {f"{r['rows']}x{r['seq']}": r["mfu"] for r in timed},

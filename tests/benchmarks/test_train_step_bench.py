@@ -46,6 +46,14 @@ def test_quick_run_reports_every_key(quick_argv, capsys):
     assert len(it) == 1 and it[0]["episodes"] == 2 and it[0]["update_seconds"] > 0
 
 
+@pytest.mark.slow
+def test_quick_run_with_bf16_weight_matmuls(quick_argv, capsys):
+    summary = bench.main(quick_argv + ["--matmul_dtype=bfloat16", "--iterations=0"])
+    assert summary["matmul_dtype"] == "bfloat16" and summary["dtype"] == "float32"
+    assert "(bfloat16 weight matmuls)" in capsys.readouterr().out
+    assert _positive(summary["tokens_per_second"]["2x64"]) and _positive(summary["roof_gflops"])
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--sizes=4by64"], "ROWSxSEQ"),
     (["--sizes=0x64"], "ROWSxSEQ"),
