@@ -117,6 +117,28 @@ def unstack_layers(params: Params) -> Params:
                                  for i in range(n)]}
 
 
+def fuse_projections(params: Params) -> Params:
+    """Per-layer params (`unstack_layers`) with wq, wk, wv as one [D, (H + 2K) * Dh] weight "wqkv"
+    and w_gate, w_up as one [D, 2F] weight "w_gate_up": two matmuls where there were five, for
+    decoding, where every op's fixed cost counts. Layers with adapters or a quantized projection
+    are left as they are."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError("fuse_projections takes per-layer params (see unstack_layers)")
+
+    def fuse(lp: dict) -> dict:
+        names = ("wq", "wk", "wv", "w_gate", "w_up")
+        if "lora" in lp or not all(isinstance(lp[n], jax.Array) for n in names):
+            return lp
+        d = lp["wq"].shape[0]
+        out = {k: v for k, v in lp.items() if k not in names}
+        out["wqkv"] = jnp.concatenate([lp[n].reshape(d, -1) for n in ("wq", "wk", "wv")], axis=-1)
+        out["w_gate_up"] = jnp.concatenate([lp["w_gate"], lp["w_up"]], axis=-1)
+        return out
+
+    return {**params, "layers": [fuse(lp) for lp in layers]}
+
+
 def matmul_weights(params: Params, config: LlamaConfig) -> Params:
     """params with the weights that only enter matmuls (projections; the LM head, or the embedding
     when tied) cast to `config.matmul_dtype` where that is narrower: a copy to decode from, so each
@@ -131,7 +153,7 @@ def matmul_weights(params: Params, config: LlamaConfig) -> Params:
         return x
 
     def layer(lp: dict) -> dict:
-        return {k: cast(v) if k in _PROJECTIONS else v for k, v in lp.items()}
+        return {k: cast(v) if k in _PROJECTIONS + ("wqkv", "w_gate_up") else v for k, v in lp.items()}
 
     out = dict(params)
     layers = params["layers"]
@@ -277,9 +299,17 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index, causal_bloc
     mm = config.jnp_matmul_dtype if config.mixed_matmuls else None
     lo = lp.get("lora")
     h = _rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    q = project("btd,dhk->bthk", h, lp["wq"], lo, "wq", dt, mm)
-    k = project("btd,dhk->bthk", h, lp["wk"], lo, "wk", dt, mm)
-    v = project("btd,dhk->bthk", h, lp["wv"], lo, "wv", dt, mm)
+    if "wqkv" in lp:   # fused (see `fuse_projections`)
+        nq, nk, dh = config.num_heads, config.num_kv_heads, config.head_dim
+        qkv = project("btd,de->bte", h, lp["wqkv"], None, "wqkv", dt, mm)
+        b_, t_ = qkv.shape[:2]
+        q = qkv[..., :nq * dh].reshape(b_, t_, nq, dh)
+        k = qkv[..., nq * dh:(nq + nk) * dh].reshape(b_, t_, nk, dh)
+        v = qkv[..., (nq + nk) * dh:].reshape(b_, t_, nk, dh)
+    else:
+        q = project("btd,dhk->bthk", h, lp["wq"], lo, "wq", dt, mm)
+        k = project("btd,dhk->bthk", h, lp["wk"], lo, "wk", dt, mm)
+        v = project("btd,dhk->bthk", h, lp["wv"], lo, "wv", dt, mm)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh], the cache layout
     if cache is not None and cache[2] is None:  # this layer's own [B, K, S, Dh] arrays
@@ -298,8 +328,12 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index, causal_bloc
     attn = _attention(q, k, v, mask, causal_block)
     x = x + project("bthk,hkd->btd", attn, lp["wo"], lo, "wo", dt, mm)
     h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gate = project("btd,df->btf", h, lp["w_gate"], lo, "w_gate", dt, mm)
-    up = project("btd,df->btf", h, lp["w_up"], lo, "w_up", dt, mm)
+    if "w_gate_up" in lp:
+        gate_up = project("btd,df->btf", h, lp["w_gate_up"], None, "w_gate_up", dt, mm)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+    else:
+        gate = project("btd,df->btf", h, lp["w_gate"], lo, "w_gate", dt, mm)
+        up = project("btd,df->btf", h, lp["w_up"], lo, "w_up", dt, mm)
     x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"], lo, "w_down", dt, mm)
     return _laid_out(x), cache
 

@@ -105,7 +105,8 @@ class Sampler:
 
     mesh: optional; the batch is split over its ("data", "fsdp") axes, and the KV cache's heads
     over "tensor" where they divide. Params are used with whatever sharding they already have.
-    unstack_layers: decode from per-layer copies of the weights (default: on CPU only).
+    unstack_layers: decode from per-layer copies of the weights (default: on CPU only), with the
+    q/k/v and gate/up projections fused (`llama.fuse_projections`).
     With `config.matmul_dtype` narrower than the weights, the sampler decodes from a copy of the
     matmul weights in that dtype (made once per params object, like the per-layer copies).
     """
@@ -121,7 +122,8 @@ class Sampler:
         unstack = self.unstack
 
         def prepare(params):
-            params = llama.unstack_layers(params) if unstack else params
+            if unstack:
+                params = llama.fuse_projections(llama.unstack_layers(params))
             return llama.matmul_weights(params, config)
 
         self._prepare_fn = jax.jit(prepare)

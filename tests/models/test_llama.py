@@ -134,6 +134,33 @@ def test_bf16_policy_keeps_f32_logits():
     assert 0 < err < 0.05  # bf16 really ran (not bit-equal) and stays close
 
 
+def test_fused_projections_equal_separate_ones():
+    """wq/wk/wv and w_gate/w_up fused into two matmuls give the same logits and cache, and layers
+    with adapters keep their separate weights."""
+    from models import lora
+
+    cfg = tiny_config()
+    params = llama.unstack_layers(llama.init(cfg, jax.random.PRNGKey(8), init_std=0.3))
+    fused = llama.fuse_projections(params)
+    lp = fused["layers"][0]
+    assert "wq" not in lp and "w_up" not in lp
+    h, k, dh, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    assert lp["wqkv"].shape == (cfg.hidden_size, (h + 2 * k) * dh)
+    assert lp["w_gate_up"].shape == (cfg.hidden_size, 2 * f)
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    ref, ref_cache = llama.forward(params, tokens, kv_cache=llama.init_cache(cfg, 2, 16, per_layer=True),
+                                   config=cfg)
+    got, got_cache = llama.forward(fused, tokens, kv_cache=llama.init_cache(cfg, 2, 16, per_layer=True),
+                                   config=cfg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache["k"][1]), np.asarray(ref_cache["k"][1]), atol=1e-5)
+    with pytest.raises(ValueError, match="per-layer"):
+        llama.fuse_projections(llama.init(cfg, jax.random.PRNGKey(8)))
+    spec = lora.LoraSpec.parse(2, 4.0, "all")
+    adapted = lora.attach(params, lora.init(cfg, spec, jax.random.PRNGKey(1), jnp.float32), spec)
+    assert "wq" in llama.fuse_projections(adapted)["layers"][0]
+
+
 def test_blocked_causal_attention_equals_dense():
     """Query blocks against the keys up to their end give the dense result, values and gradients,
     for packed segments, right padding and a T that is not a multiple of the block."""

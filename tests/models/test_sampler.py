@@ -209,7 +209,7 @@ def test_bf16_weight_matmuls_decode_like_their_forward(params, unstack):
     sampler = Sampler(mixed, unstack_layers=unstack)
     out = sampler.generate(params, PROMPTS, max_new_tokens=8, temperature=0)
     copy = sampler._last_unstacked[1]
-    wq = copy["layers"][0]["wq"] if unstack else copy["layers"]["wq"]
+    wq = copy["layers"][0]["wqkv"] if unstack else copy["layers"]["wq"]   # fused when unstacked
     assert wq.dtype == jnp.bfloat16
     for i, prompt in enumerate(PROMPTS):
         seq = list(prompt)
