@@ -221,7 +221,10 @@ def test_sharded_train_step_equals_one_process(tmp_path):
     _assert_trees_close(p0, p1, atol=0)
     fed, own = _npz(one / "params_fed_0.npz"), _npz(one / "params_0.npz")
     _assert_trees_close(p0, fed, atol=1e-5)   # the same global batch
-    _assert_trees_close(p0, own, atol=1e-5)   # one process packing all ten sequences itself
+    # one process packing all ten sequences itself: other rows, so other f32 summation orders,
+    # which Adam's normalised update (lr 1e-2) can magnify to ~2e-5 where a gradient is near 0;
+    # a wrong shard would move params by about the learning rate
+    _assert_trees_close(p0, own, atol=1e-4)
     from models import llama
     from tests.conftest import tiny_config
 
