@@ -84,7 +84,7 @@ class LlamaConfig:
 
     @property
     def mixed_matmuls(self) -> bool:
-        """Whether the weight matmuls run in a narrower dtype than the activations."""
+        """Whether the weight matmuls run in another dtype than the activations."""
         return self.jnp_matmul_dtype != self.jnp_dtype
 
     def replace(self, **changes: Any) -> "LlamaConfig":
