@@ -36,12 +36,12 @@ import numpy as np
 
 from models.config import LlamaConfig
 from models.lora import mixed_einsum, project
+from models.quant import PROJECTION_AXES
 
 Params = dict
 KVCache = dict
 
 ATTENTION_BLOCK = 256   # `forward`'s default query block on CPU
-_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _NEG_INF = -1e30  # finite, so that fully masked (padding) rows give a uniform softmax, not NaN
 
 
@@ -152,8 +152,10 @@ def matmul_weights(params: Params, config: LlamaConfig) -> Params:
             return x.astype(mm)
         return x
 
+    narrow = set(PROJECTION_AXES) | {"wqkv", "w_gate_up"}
+
     def layer(lp: dict) -> dict:
-        return {k: cast(v) if k in _PROJECTIONS + ("wqkv", "w_gate_up") else v for k, v in lp.items()}
+        return {k: cast(v) if k in narrow else v for k, v in lp.items()}
 
     out = dict(params)
     layers = params["layers"]
