@@ -171,16 +171,20 @@ def matmul_weights(params: Params, config: LlamaConfig) -> Params:
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None,
                per_layer: bool = False) -> KVCache:
     """An empty KV cache for `batch` rows of up to `max_len` tokens. per_layer: k and v as tuples
-    of [B, K, S, Dh] arrays (for unstacked params) instead of stacked [L, B, K, S, Dh] arrays."""
+    of per-layer arrays (for unstacked params) instead of arrays stacked over layers.
+
+    Layouts: v [L, B, K, S, Dh], k [L, B, K, Dh, S] (slots last). Heads come before slots, so
+    attention's dots batch over the leading (B, K) axes, and with the keys' slots last both dots
+    are plain [G, Dh] x [Dh, S] and [G, S] x [S, Dh] matmuls: XLA:CPU ran the transposed-operand
+    form of the score dot about 1.3x slower at decode."""
     dtype = dtype or config.jnp_dtype
-    # [L, B, K, S, Dh]: heads before slots, so attention's dots batch over leading (B, K) axes
-    # and read the cache without a transposed copy.
-    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+    v_shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+    k_shape = (config.num_layers, batch, config.num_kv_heads, config.head_dim, max_len)
     if per_layer:
-        k = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers))
-        v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers))
+        k = tuple(jnp.zeros(k_shape[1:], dtype) for _ in range(config.num_layers))
+        v = tuple(jnp.zeros(v_shape[1:], dtype) for _ in range(config.num_layers))
     else:
-        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        k, v = jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)
     return {
         "k": k,
         "v": v,
@@ -192,9 +196,9 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None,
 
 def cache_axes() -> KVCache:
     """Logical axis names of the (stacked) KV cache leaves."""
-    kv = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
-    return {"k": kv, "v": kv, "positions": ("batch", "cache_seq"),
-            "segment_ids": ("batch", "cache_seq"), "index": ()}
+    return {"k": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
+            "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+            "positions": ("batch", "cache_seq"), "segment_ids": ("batch", "cache_seq"), "index": ()}
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -235,33 +239,35 @@ def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _attention(q, k, v, mask, causal_block: int = 0):
-    """q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh].
+def _attention(q, k, v, mask, causal_block: int = 0, slots_last: bool = False):
+    """q: [B, T, H, Dh]; k: [B, K, S, Dh], or [B, K, Dh, S] with slots_last (the cache's layout);
+    v: [B, K, S, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh].
 
     causal_block > 0 (no cache, S == T, and the mask false above the diagonal): queries are taken
     `causal_block` at a time, each block against the keys up to its own end only, which skips the
     masked upper blocks' work (about 3/8 of it at 4 blocks)."""
-    t, s = q.shape[1], k.shape[2]
-    if causal_block and s == t and t >= 2 * causal_block:
+    t, s = q.shape[1], v.shape[2]
+    if causal_block and not slots_last and s == t and t >= 2 * causal_block:
         return jnp.concatenate(
             [_attention(q[:, lo:lo + causal_block], k[:, :, :lo + causal_block], v[:, :, :lo + causal_block],
                         mask[:, lo:lo + causal_block, :lo + causal_block])
              for lo in range(0, t, causal_block)], axis=1)
     b, t, h, dh = q.shape
     kv_heads = k.shape[1]
+    score_dims = "bkds" if slots_last else "bksd"
     if t == 1:  # decode: without the unit T axis the dots map onto plain batched matmuls
         q = q.reshape(b, kv_heads, h // kv_heads, dh)
-        scores = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(f"bkgd,{score_dims}->bkgs", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, 0][:, None, None, :], scores / math.sqrt(dh), _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, dh)
     # The query heads of one KV head and the positions as one axis [B, K, G*T, Dh]: both dots are
-    # then plain batched matmuls over (B, K) with no transposed operand or output, which XLA:CPU
-    # runs 2-4x faster than the same contractions with T between the head axes; the two small
-    # transposes are of q and of the output only.
+    # then plain batched matmuls over (B, K) with no transposed output, which XLA:CPU runs 2-4x
+    # faster than the same contractions with T between the head axes; the two small transposes
+    # are of q and of the output only.
     g = h // kv_heads
     q = q.reshape(b, t, kv_heads, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, dh)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"bkqd,{score_dims}->bkqs", q, k, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kv_heads, g, t, -1) / math.sqrt(dh)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
@@ -313,21 +319,24 @@ def _layer(config: LlamaConfig, x, lp, cos, sin, mask, cache, index, causal_bloc
         k = project("btd,dhk->bthk", h, lp["wk"], lo, "wk", dt, mm)
         v = project("btd,dhk->bthk", h, lp["wv"], lo, "wv", dt, mm)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh], the cache layout
-    if cache is not None and cache[2] is None:  # this layer's own [B, K, S, Dh] arrays
+    v = v.transpose(0, 2, 1, 3)   # [B, K, T, Dh]
+    if cache is None:
+        k = k.transpose(0, 2, 1, 3)
+    else:
+        k = k.transpose(0, 2, 3, 1)   # [B, K, Dh, T]: the cache's keys have their slots last
+    if cache is not None and cache[2] is None:  # this layer's own arrays
         k_c, v_c, _ = cache
-        k_c = jax.lax.dynamic_update_slice(k_c, k.astype(k_c.dtype), (0, 0, index, 0))
+        k_c = jax.lax.dynamic_update_slice(k_c, k.astype(k_c.dtype), (0, 0, 0, index))
         v_c = jax.lax.dynamic_update_slice(v_c, v.astype(v_c.dtype), (0, 0, index, 0))
         k, v = k_c.astype(dt), v_c.astype(dt)
         cache = (k_c, v_c)
     elif cache is not None:
         k_all, v_all, layer = cache
-        at = (layer, 0, 0, index, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, 0, 0, index))
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, 0, index, 0))
         k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
         cache = (k_all, v_all)
-    attn = _attention(q, k, v, mask, causal_block)
+    attn = _attention(q, k, v, mask, causal_block, slots_last=cache is not None)
     x = x + project("bthk,hkd->btd", attn, lp["wo"], lo, "wo", dt, mm)
     h = _rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
     if "w_gate_up" in lp:

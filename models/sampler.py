@@ -157,16 +157,21 @@ class Sampler:
         from playpen_jax import sharding  # the rule table lives with the mesh code
 
         c = self.config
-        kv = ("batch", "kv_heads", "cache_seq", "head_dim")
-        shape = (self._batch_multiple(), c.num_kv_heads, 1, c.head_dim)
+        axes = {n: a[1:] for n, a in llama.cache_axes().items() if n in ("k", "v")}
+        shapes = {"k": (self._batch_multiple(), c.num_kv_heads, c.head_dim, 1),
+                  "v": (self._batch_multiple(), c.num_kv_heads, 1, c.head_dim)}
         ns = functools.partial(NamedSharding, self.mesh)
-        if self.unstack:
-            kv_sharding = (ns(sharding.logical_to_spec(kv, shape, self.mesh)),) * c.num_layers
-        else:
-            kv_sharding = ns(sharding.logical_to_spec(("layers",) + kv, (c.num_layers,) + shape,
-                                                      self.mesh))
+        kv_sharding = {}
+        for n in ("k", "v"):
+            if self.unstack:
+                spec = sharding.logical_to_spec(axes[n], shapes[n], self.mesh)
+                kv_sharding[n] = (ns(spec),) * c.num_layers
+            else:
+                spec = sharding.logical_to_spec(("layers",) + axes[n], (c.num_layers,) + shapes[n],
+                                                self.mesh)
+                kv_sharding[n] = ns(spec)
         seq_spec = PartitionSpec(("data", "fsdp"), None)
-        return {"k": kv_sharding, "v": kv_sharding, "positions": ns(seq_spec),
+        return {"k": kv_sharding["k"], "v": kv_sharding["v"], "positions": ns(seq_spec),
                 "segment_ids": ns(seq_spec), "index": ns(PartitionSpec())}
 
     def _put(self, x: np.ndarray):
