@@ -135,18 +135,18 @@ def test_bf16_policy_keeps_f32_logits():
 
 
 def test_fused_projections_equal_separate_ones():
-    """wq/wk/wv and w_gate/w_up fused into two matmuls give the same logits and cache, and layers
-    with adapters keep their separate weights."""
+    """wq/wk/wv and w_gate/w_up fused into two matmuls, and every projection held [out, in], give
+    the same logits and cache; layers with adapters keep their separate weights."""
     from models import lora
 
     cfg = tiny_config()
     params = llama.unstack_layers(llama.init(cfg, jax.random.PRNGKey(8), init_std=0.3))
     fused = llama.fuse_projections(params)
     lp = fused["layers"][0]
-    assert "wq" not in lp and "w_up" not in lp
-    h, k, dh, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    assert lp["wqkv"].shape == (cfg.hidden_size, (h + 2 * k) * dh)
-    assert lp["w_gate_up"].shape == (cfg.hidden_size, 2 * f)
+    assert "wq" not in lp and "w_up" not in lp and "wo" not in lp and "w_down" not in lp
+    h, k, dh, f, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.hidden_size
+    assert lp["wqkv"].shape == ((h + 2 * k) * dh, d) and lp["w_gate_up"].shape == (2 * f, d)
+    assert lp["wo_t"].shape == (d, h * dh) and lp["w_down_t"].shape == (d, f)
     tokens = jnp.asarray(np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     ref, ref_cache = llama.forward(params, tokens, kv_cache=llama.init_cache(cfg, 2, 16, per_layer=True),
                                    config=cfg)
@@ -154,6 +154,12 @@ def test_fused_projections_equal_separate_ones():
                                    config=cfg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got_cache["k"][1]), np.asarray(ref_cache["k"][1]), atol=1e-5)
+    # and in the bf16 decode copy (`matmul_weights`), against the same matmuls unfused
+    mixed = cfg.replace(matmul_dtype="bfloat16")
+    ref_bf16, _ = llama.forward(llama.matmul_weights(params, mixed), tokens, config=mixed)
+    got_bf16, _ = llama.forward(llama.matmul_weights(fused, mixed), tokens, config=mixed)
+    np.testing.assert_allclose(np.asarray(got_bf16), np.asarray(ref_bf16), rtol=0, atol=2e-2)
+    assert np.abs(np.asarray(got_bf16) - np.asarray(ref)).max() > 0   # it did run in bf16
     with pytest.raises(ValueError, match="per-layer"):
         llama.fuse_projections(llama.init(cfg, jax.random.PRNGKey(8)))
     spec = lora.LoraSpec.parse(2, 4.0, "all")
@@ -227,7 +233,8 @@ def test_bf16_weight_matmuls_under_f32_activations(tied):
     # The decode copy: matmul weights in bf16, norms and (untied) embedding untouched.
     copy = llama.matmul_weights(params, mixed)
     assert copy["layers"]["wq"].dtype == jnp.bfloat16 and copy["layers"]["attn_norm"].dtype == jnp.float32
-    assert copy["embed"] is params["embed"] and copy["lm_head"].dtype == jnp.bfloat16
+    head = copy["lm_head_t"] if tied else copy["lm_head"]   # tied: a separate narrow [V, D] head
+    assert copy["embed"] is params["embed"] and head.dtype == jnp.bfloat16
     assert llama.matmul_weights(params, cfg) is params
     np.testing.assert_allclose(np.asarray(jax.jit(fwd)(copy)), out, rtol=0, atol=1e-5)
 
