@@ -130,11 +130,10 @@ def fuse_projections(params: Params) -> Params:
         raise ValueError("fuse_projections takes per-layer params (see unstack_layers)")
 
     def fuse(lp: dict) -> dict:
-        names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-        if "lora" in lp or not all(isinstance(lp[n], jax.Array) for n in names):
+        if "lora" in lp or not all(isinstance(lp[n], jax.Array) for n in PROJECTION_AXES):
             return lp
         d = lp["wq"].shape[0]
-        out = {k: v for k, v in lp.items() if k not in names}
+        out = {k: v for k, v in lp.items() if k not in PROJECTION_AXES}
         out["wqkv"] = jnp.concatenate([lp[n].reshape(d, -1) for n in ("wq", "wk", "wv")], axis=-1).T
         out["w_gate_up"] = jnp.concatenate([lp["w_gate"], lp["w_up"]], axis=-1).T
         out["wo_t"] = lp["wo"].reshape(-1, d).T
