@@ -121,6 +121,48 @@ def test_stop_strings(params, byte_tokenizer):
     assert out.finish_reasons[1] == "stop_string" and out.lengths[1] <= 7
 
 
+@pytest.mark.parametrize("unstack", [False, True])
+def test_growing_cache_equals_full_cache(params, byte_tokenizer, unstack):
+    """A cache grown 4 slots at a time gives the same tokens and log-probs as one allocated at its
+    full length, also when stop-string checks (every 3 steps) fall between growth points."""
+    kw = dict(max_new_tokens=14, temperature=0.8, rng=jax.random.PRNGKey(5))
+    full = Sampler(CFG, cache_block=0, unstack_layers=unstack).generate(params, PROMPTS, **kw)
+    grown_sampler = Sampler(CFG, cache_block=4, unstack_layers=unstack, stop_check_every=3)
+    grown = grown_sampler.generate(params, PROMPTS, **kw)
+    assert np.array_equal(full.tokens, grown.tokens) and np.array_equal(full.lengths, grown.lengths)
+    assert np.abs(full.logprobs - grown.logprobs).max() <= 1e-5
+    # prefill + 4 cache lengths (room for 4, 8, 12, 16 new tokens) x (decode, and grow after the first)
+    assert grown_sampler.compile_count == 1 + 4 + 3
+    greedy, _ = reference_greedy(params, PROMPTS[0], 14)
+    out = grown_sampler.generate(params, PROMPTS, max_new_tokens=14, temperature=0,
+                                 stop_strings=["\x00never"], tokenizer=byte_tokenizer)
+    assert out.row(0) == greedy
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
+def test_decode_loop_copies_no_weights(params, matmul_dtype):
+    """The decode loop reads the weights where they are: XLA makes no per-call copy (e.g. a
+    transpose into the layout its dot kernels take), which would cost each decode call a pass
+    over the whole model."""
+    import re
+
+    cfg = CFG.replace(matmul_dtype=matmul_dtype) if matmul_dtype else CFG
+    sampler = Sampler(cfg, cache_block=0)
+    sampler.generate(params, PROMPTS, max_new_tokens=4, temperature=0)
+    (decode,) = [ex for key, ex in sampler._compiled.items() if key[0] == "decode"]
+    prepared = sampler._prepared(params)
+    weight_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(prepared) if x.ndim == 2}
+    weight_shapes |= {s[::-1] for s in weight_shapes}
+    copied = [tuple(int(d) for d in m.group(1).split(","))
+              for m in re.finditer(r"= \w+\[([\d,]+)\]\{[\d,]*\} copy\(", decode.as_text())]
+    assert not [s for s in copied if s in weight_shapes]
+
+
+def test_bad_cache_block():
+    with pytest.raises(ValueError, match="cache_block"):
+        Sampler(CFG, cache_block=-1)
+
+
 def test_same_bucket_does_not_recompile(params):
     sampler = Sampler(CFG)
     sampler.generate(params, [[1, 2, 3]], max_new_tokens=8, temperature=0)
@@ -180,9 +222,9 @@ def test_sharded_equals_unsharded(params):
     shardings = sharding.tree_shardings(llama.param_axes(CFG), llama.param_shapes(CFG), mesh)
     sharded = jax.device_put(params, shardings)
     prompts = PROMPTS + [[11, 12, 13]]
-    plain = Sampler(CFG).generate(params, prompts, max_new_tokens=8, temperature=0.9,
-                                  rng=jax.random.PRNGKey(1))
-    sampler = Sampler(CFG, mesh=mesh)
+    plain = Sampler(CFG, cache_block=0).generate(params, prompts, max_new_tokens=8, temperature=0.9,
+                                                 rng=jax.random.PRNGKey(1))
+    sampler = Sampler(CFG, mesh=mesh, cache_block=3)   # the cache grows twice, sharded
     out = sampler.generate(sharded, prompts, max_new_tokens=8, temperature=0.9,
                            rng=jax.random.PRNGKey(1))
     assert np.array_equal(plain.tokens, out.tokens)
