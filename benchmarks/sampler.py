@@ -72,6 +72,12 @@ def main(argv=None):
                    help="ours decodes through LoRA adapters of this rank on every projection, unmerged")
     p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
                    help="ours holds the projections quantized (a QLoRA base), dequantized per matmul")
+    p.add_argument("--cache_block", type=int, default=None,
+                   help="ours grows its KV cache this many slots at a time; 0: full length at once "
+                        "(default: the sampler's, 32 on CPU and 0 elsewhere)")
+    p.add_argument("--unstack_layers", default="", choices=("", "true", "false"),
+                   help="ours decodes from per-layer fused weights (default: the sampler's, "
+                        "true on CPU and GPU)")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     n_new = args.new_tokens
@@ -102,6 +108,10 @@ def main(argv=None):
         [f"LoRA rank {args.lora_rank} unmerged"] if args.lora_rank else [])
     if cfg.mixed_matmuls:
         variant.append(f"{args.matmul_dtype} weight matmuls")
+    if args.cache_block is not None:
+        variant.append(f"cache_block={args.cache_block}")
+    if args.unstack_layers:
+        variant.append(f"unstack_layers={args.unstack_layers}")
     if variant:
         name += f" [ours: {', '.join(variant)}]"
     peer_batches = [int(b) for b in args.peer_batches.split(",")]
@@ -128,7 +138,8 @@ def main(argv=None):
 
     # Each batch size times ours and then the peer back to back, so that drift in a shared
     # machine's speed affects both sides of a ratio alike.
-    sampler = Sampler(cfg, pad_id=0)
+    sampler = Sampler(cfg, pad_id=0, cache_block=args.cache_block,
+                      unstack_layers={"": None, "true": True, "false": False}[args.unstack_layers])
     rows = {}
     for b in batches:
         run = lambda: sampler.generate(ours, [prompt] * b, max_new_tokens=n_new,  # noqa: E731

@@ -106,8 +106,10 @@ class Sampler:
 
     mesh: optional; the batch is split over its ("data", "fsdp") axes, and the KV cache's heads
     over "tensor" where they divide. Params are used with whatever sharding they already have.
-    unstack_layers: decode from per-layer copies of the weights (default: on CPU only), with the
-    q/k/v and gate/up projections fused (`llama.fuse_projections`).
+    unstack_layers: decode from per-layer copies of the weights, with the q/k/v and gate/up
+    projections fused (`llama.fuse_projections`). Default: on CPU and GPU, where a scan over the
+    stacked layers decodes at about half the speed (H200, 1B shape, batch 32); not on TPU, where
+    it is unmeasured. The copy holds the matmul weights a second time while params are live.
     With `config.matmul_dtype` narrower than the weights, the sampler decodes from a copy of the
     matmul weights in that dtype (made once per params object, like the per-layer copies).
     cache_block: the KV cache starts with room for `cache_block` new tokens after the prompt and
@@ -123,9 +125,11 @@ class Sampler:
                  stop_check_every: int = 32, unstack_layers: Optional[bool] = None,
                  cache_block: Optional[int] = None):
         self.config = config
-        # On CPU, decoding from per-layer arrays avoids copying every layer's weights out of the
-        # stacked arrays at each step (XLA:CPU materialises those slices); elsewhere keep the scan.
-        self.unstack = (jax.default_backend() == "cpu") if unstack_layers is None else unstack_layers
+        # Decoding from per-layer arrays avoids slicing every layer's weights out of the stacked
+        # arrays at each step (XLA:CPU materialises those slices).
+        if unstack_layers is None:
+            unstack_layers = jax.default_backend() in ("cpu", "gpu")
+        self.unstack = unstack_layers
         unstack = self.unstack
 
         def prepare(params):
