@@ -107,16 +107,19 @@ class Sampler:
     mesh: optional; the batch is split over its ("data", "fsdp") axes, and the KV cache's heads
     over "tensor" where they divide. Params are used with whatever sharding they already have.
     unstack_layers: decode from per-layer copies of the weights, with the q/k/v and gate/up
-    projections fused (`llama.fuse_projections`). Default: on CPU and GPU, where a scan over the
-    stacked layers decodes at about half the speed (H200, 1B shape, batch 32); not on TPU, where
-    it is unmeasured. The copy holds the matmul weights a second time while params are live.
+    projections fused (`llama.fuse_projections`). Default: on CPU, and on GPU unless the mesh
+    splits heads over a "tensor" axis; there a scan over the stacked layers decodes at about half
+    the speed (H200, 1B shape, batch 32). Not on TPU, nor under tensor parallelism on GPU, where it
+    is unmeasured (the fused weights' columns do not follow the per-head split). The copy holds
+    the matmul weights a second time while params are live.
     With `config.matmul_dtype` narrower than the weights, the sampler decodes from a copy of the
     matmul weights in that dtype (made once per params object, like the per-layer copies).
     cache_block: the KV cache starts with room for `cache_block` new tokens after the prompt and
     grows by that many slots when decoding reaches its end, so that early steps attend over a
     shorter cache; each cache length has its own decode executable. 0: the cache is allocated at
     its full length at once, as it is for a batch of one. Default: 32 on CPU, where attention's
-    reads of the cache are about a third of a decode step at batch 32; 0 elsewhere.
+    reads of the cache are about a third of a decode step at batch 32; 0 elsewhere (on an H200 it
+    was 4-12% slower than a full-length cache).
     """
 
     def __init__(self, config: LlamaConfig, *, mesh: Optional[Mesh] = None, pad_id: int = 0,
@@ -128,7 +131,9 @@ class Sampler:
         # Decoding from per-layer arrays avoids slicing every layer's weights out of the stacked
         # arrays at each step (XLA:CPU materialises those slices).
         if unstack_layers is None:
-            unstack_layers = jax.default_backend() in ("cpu", "gpu")
+            tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
+            backend = jax.default_backend()
+            unstack_layers = backend == "cpu" or (backend == "gpu" and tensor == 1)
         self.unstack = unstack_layers
         unstack = self.unstack
 
