@@ -140,10 +140,16 @@ class Experiment:
             self.results["stages"][name] = {"status": "skipped (budget)"}
             self._save()
             return None
+        # A stage stopped part-way (killed, failed) is resumed by its next run; "seconds" is the
+        # last run's wall time, so the runs are counted to say so.
+        attempts = (done or {}).get("attempts", 0) + 1
+        self.results["stages"][name] = {**(done or {}), "status": "running", "attempts": attempts}
+        self._save()
         t = time.monotonic()
         print(f"== {name}", file=sys.stderr)
         info = fn() or {}
-        info.update({"status": "done", "seconds": round(time.monotonic() - t, 1)})
+        info.update({"status": "done", "seconds": round(time.monotonic() - t, 1),
+                     "attempts": attempts})
         self.results["stages"][name] = info
         self._save()
         return info
@@ -294,8 +300,10 @@ def report(out: str, results: dict, methods: list) -> None:
         lines.append("")
     lines += ["## Stages", "", "| stage | status | minutes |", "|---|---|---|"]
     for name, info in results["stages"].items():
-        secs = info.get("seconds")
-        lines.append(f"| {name} | {info.get('status')} | {'-' if secs is None else f'{secs / 60:.1f}'} |")
+        secs, runs = info.get("seconds"), info.get("attempts", 1)
+        cell = "-" if secs is None else f"{secs / 60:.1f}" + (f" (the last of {runs} runs)" if runs > 1
+                                                              else "")
+        lines.append(f"| {name} | {info.get('status')} | {cell} |")
     lines += [""] + [f"- `{name}`: `{info['command']}`" for name, info in results["stages"].items()
                      if "command" in info]
     with open(os.path.join(out, "results.md"), "w") as f:

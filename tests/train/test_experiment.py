@@ -107,6 +107,33 @@ def test_budget_stops_new_stages(setup, tmp_path):
     assert "skipped (budget)" in (out / "results.md").read_text()
 
 
+def test_a_stage_stopped_part_way_counts_its_runs(tmp_path):
+    """A stage killed part-way is run again by the next invocation; its wall time is the last
+    run's, and the report says how many runs it took."""
+    from ml_collections import ConfigDict
+
+    c = ConfigDict({"out_dir": str(tmp_path), "budget_minutes": 0.0})
+    exp = experiment.Experiment(c, [])
+
+    def stopped():
+        raise KeyboardInterrupt   # as a kill part-way leaves it: nothing after this line runs
+
+    with pytest.raises(KeyboardInterrupt):
+        exp._stage("train/grpo", stopped)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["stages"]["train/grpo"] == {"status": "running", "attempts": 1}
+
+    exp = experiment.Experiment(c, [])
+    info = exp._stage("train/grpo", lambda: {"command": "python -m train.main"})
+    assert info["status"] == "done" and info["attempts"] == 2 and info["seconds"] >= 0
+    assert exp._stage("train/grpo", lambda: pytest.fail("a done stage ran again")) is info
+    exp._stage("eval/base/train_games", lambda: {})
+    experiment.report(str(tmp_path), exp.results, [])
+    md = (tmp_path / "results.md").read_text()
+    assert "| train/grpo | done | 0.0 (the last of 2 runs) |" in md
+    assert "| eval/base/train_games | done | 0.0 |" in md
+
+
 @pytest.mark.parametrize("over, needle", [
     ({"methods": "sft,ppo"}, "config.methods"),
     ({"methods": "grpo", "init": "sft"}, "config.init"),
