@@ -140,14 +140,20 @@ class Experiment:
             self.results["stages"][name] = {"status": "skipped (budget)"}
             self._save()
             return None
-        # A stage stopped part-way (killed, failed) is resumed by its next run; "seconds" is the
-        # last run's wall time, so the runs are counted to say so.
+        # A stage stopped part-way (failed, interrupted, killed) is resumed by its next run;
+        # "seconds" is the last run's wall time, so the runs are counted to say so. A killed run
+        # leaves its stage "running".
         attempts = (done or {}).get("attempts", 0) + 1
         self.results["stages"][name] = {**(done or {}), "status": "running", "attempts": attempts}
         self._save()
         t = time.monotonic()
         print(f"== {name}", file=sys.stderr)
-        info = fn() or {}
+        try:
+            info = fn() or {}
+        except BaseException:
+            self.results["stages"][name]["status"] = "stopped part-way"
+            self._save()
+            raise
         info.update({"status": "done", "seconds": round(time.monotonic() - t, 1),
                      "attempts": attempts})
         self.results["stages"][name] = info

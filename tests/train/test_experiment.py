@@ -116,12 +116,12 @@ def test_a_stage_stopped_part_way_counts_its_runs(tmp_path):
     exp = experiment.Experiment(c, [])
 
     def stopped():
-        raise KeyboardInterrupt   # as a kill part-way leaves it: nothing after this line runs
+        raise KeyboardInterrupt   # Ctrl-C part-way (a kill -9 would leave it "running")
 
     with pytest.raises(KeyboardInterrupt):
         exp._stage("train/grpo", stopped)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["stages"]["train/grpo"] == {"status": "running", "attempts": 1}
+    assert saved["stages"]["train/grpo"] == {"status": "stopped part-way", "attempts": 1}
 
     exp = experiment.Experiment(c, [])
     info = exp._stage("train/grpo", lambda: {"command": "python -m train.main"})
