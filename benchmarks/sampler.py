@@ -79,6 +79,8 @@ def main(argv=None):
                    help="ours decodes from per-layer fused weights (default: the sampler's, "
                         "true on CPU and GPU)")
     args = p.parse_args(argv)
+    if args.cache_block is not None and args.cache_block < 0:
+        p.error(f"--cache_block must be >= 0, got {args.cache_block}")
     on_gpu = jax.default_backend() == "gpu"
     n_new = args.new_tokens
 
