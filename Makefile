@@ -5,9 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# llama.cpp's default -march=native can enable instructions a VM refuses; build it portably.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+# llama.cpp's default -march=native can enable instructions a VM refuses (AMX): on Linux it is
+# built with exactly the vector extensions that /proc/cpuinfo lists, elsewhere with its defaults.
+ifneq ($(wildcard /proc/cpuinfo),)
+CPU_FLAGS := $(shell grep -m1 -owE 'avx2|fma|f16c|avx512f|avx512_vnni|avx512_bf16' /proc/cpuinfo)
+cpu_has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=$(call cpu_has,avx2) -DGGML_FMA=$(call cpu_has,fma) \
+	-DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
+endif
 
 .PHONY: setup train test lint bench clean
 

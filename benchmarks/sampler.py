@@ -78,7 +78,19 @@ def main(argv=None):
     p.add_argument("--unstack_layers", default="", choices=("", "true", "false"),
                    help="ours decodes from per-layer fused weights (default: the sampler's, "
                         "true on CPU and GPU)")
+    p.add_argument("--xla_options", default=None,
+                   help="ours compiles its decode with these XLA options, as JSON, e.g. "
+                        "'{\"xla_cpu_experimental_ynn_fusion_type\": \"\"}'; '{}': none "
+                        "(default: the sampler's, which depend on the CPU and the batch)")
     args = p.parse_args(argv)
+    xla_options = None
+    if args.xla_options is not None:
+        try:
+            xla_options = json.loads(args.xla_options)
+        except json.JSONDecodeError as e:
+            p.error(f"--xla_options is not JSON: {e}")
+        if not isinstance(xla_options, dict):
+            p.error(f"--xla_options must be a JSON object, got {args.xla_options}")
     if args.cache_block is not None and args.cache_block < 0:
         p.error(f"--cache_block must be >= 0, got {args.cache_block}")
     on_gpu = jax.default_backend() == "gpu"
@@ -114,6 +126,8 @@ def main(argv=None):
         variant.append(f"cache_block={args.cache_block}")
     if args.unstack_layers:
         variant.append(f"unstack_layers={args.unstack_layers}")
+    if xla_options is not None:
+        variant.append(f"xla_options={json.dumps(xla_options)}")
     if variant:
         name += f" [ours: {', '.join(variant)}]"
     peer_batches = [int(b) for b in args.peer_batches.split(",")]
@@ -141,7 +155,8 @@ def main(argv=None):
     # Each batch size times ours and then the peer back to back, so that drift in a shared
     # machine's speed affects both sides of a ratio alike.
     sampler = Sampler(cfg, pad_id=0, cache_block=args.cache_block,
-                      unstack_layers={"": None, "true": True, "false": False}[args.unstack_layers])
+                      unstack_layers={"": None, "true": True, "false": False}[args.unstack_layers],
+                      xla_options=xla_options)
     rows = {}
     for b in batches:
         run = lambda: sampler.generate(ours, [prompt] * b, max_new_tokens=n_new,  # noqa: E731
@@ -209,6 +224,7 @@ def main(argv=None):
         "new_tokens": n_new, "tokens_per_s": {str(b): r for b, r in rows.items()},
         "roof_fraction": max(r["ours"] / roof_tok for r in rows.values() if "ours" in r),
         "batch1_bound_steps_per_s": bandwidth / weight_bytes,
+        "decode_xla_options": {str(b): sampler.decode_options(b) for b in rows},
     }
     ratios = [r["ours"] / r["transformers"] for r in rows.values() if "transformers" in r
               and "ours" in r]

@@ -276,3 +276,41 @@ def test_unstacked_copy_is_reused_until_params_change(params):
     b = sampler.generate(changed, [[1, 2]], max_new_tokens=4, temperature=0)
     assert sampler._last_unstacked[1] is not first
     assert not np.array_equal(a.logprobs, b.logprobs)  # the new weights were used
+
+
+def test_default_xla_options_follow_the_cpu_and_the_batch():
+    from models.sampler import default_xla_options
+
+    avx2 = frozenset({"sse2", "avx", "avx2", "fma"})
+    no_ynn = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert default_xla_options(8, avx2) == no_ynn
+    assert default_xla_options(32, avx2) == no_ynn
+    assert default_xla_options(64, avx2) == {}
+    assert default_xla_options(8, avx2 | {"avx512f", "avx512_bf16"}) == {}
+    assert default_xla_options(8, frozenset()) == {}   # not x86, or no /proc/cpuinfo
+
+
+def test_xla_options_change_kernels_not_results(params):
+    kw = dict(max_new_tokens=10, temperature=0)
+    ynn = Sampler(CFG, xla_options={}).generate(params, PROMPTS, **kw)
+    eigen = Sampler(CFG, xla_options={"xla_cpu_experimental_ynn_fusion_type": ""}).generate(
+        params, PROMPTS, **kw)
+    np.testing.assert_array_equal(ynn.tokens, eigen.tokens)
+    np.testing.assert_allclose(ynn.logprobs, eigen.logprobs, atol=1e-4)
+
+
+def test_a_bad_xla_option_is_one_clear_error(params):
+    sampler = Sampler(CFG, xla_options={"xla_cpu_experimental_ynn_fusion_type": "no_such_kind"})
+    with pytest.raises(ValueError, match="xla_options"):
+        sampler.generate(params, PROMPTS, max_new_tokens=2, temperature=0)
+
+
+def test_a_default_option_this_xla_does_not_know_falls_back_to_its_defaults(params, monkeypatch):
+    import models.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "default_xla_options",
+                        lambda batch: {"xla_cpu_experimental_ynn_fusion_type": "no_such_kind"})
+    kw = dict(max_new_tokens=6, temperature=0)
+    out = Sampler(CFG).generate(params, PROMPTS, **kw)
+    plain = Sampler(CFG, xla_options={}).generate(params, PROMPTS, **kw)
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
