@@ -146,6 +146,14 @@ def _run_step_token_mean(mesh, cfg, params, ref, seqs):
     return jax.device_get(metrics)
 
 
+def _params_close(a, b):
+    """Params after two AdamW steps at lr 1e-2 agree to 1% of one step: Adam divides each
+    gradient by its running RMS, so float rounding in a gradient near zero (summation order differs
+    between micro-batchings, meshes and CPUs' dot kernels) reaches the params magnified; a wrong
+    gradient or sharding shows up at the scale of the step itself."""
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-4)
+
+
 def test_micro_batches_sharding_and_donation():
     from models import llama
 
@@ -164,8 +172,7 @@ def test_micro_batches_sharding_and_donation():
     assert int(full["step"]) == 2
     for other, m in ((micro, m_micro), (sharded, m_sh)):
         assert m["loss"] == pytest.approx(m_full["loss"], rel=1e-4, abs=1e-6)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-                               full["params"], other["params"])
+        jax.tree_util.tree_map(_params_close, full["params"], other["params"])
     changed = np.abs(full["params"]["embed"] - np.asarray(params["embed"])).max()
     assert changed > 1e-4
     # token-mean over packed rows (several sequences per row) equals one sequence per row
@@ -199,8 +206,7 @@ def test_each_mesh_layout_trains_like_one_device(layout, one_device_step):
     mesh = shd.make_mesh(layout)
     got, m, _ = _run_step(mesh, cfg, params, ref, seqs, micro_batch=8)
     assert m["loss"] == pytest.approx(m_full["loss"], rel=1e-4, abs=1e-6)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-                           full["params"], got["params"])
+    jax.tree_util.tree_map(_params_close, full["params"], got["params"])
 
 
 def _step_temp_bytes(mesh, cfg) -> int:
