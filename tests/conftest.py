@@ -8,8 +8,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8").strip()
 
-# One persistent compilation cache for the whole test session, shared by the xdist workers and the
-# processes that tests start (multi-host, kill-and-resume, the CLIs): they compile the same steps.
+# A persistent compilation cache under .pytest_cache (kept between runs in one checkout; a fresh
+# clone starts empty), shared by the xdist workers and the processes that tests start (multi-host,
+# kill-and-resume, the CLIs): they compile the same steps.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_compilation"))
 
