@@ -15,9 +15,13 @@ ahead of time once and timed as the best of `--repeats` calls:
 
 "held" is the bytes of every array the step keeps between calls (base, reference, state);
 "temporaries" is XLA's temp buffer size of the compiled step (`memory_analysis`); peak = held +
-temporaries. Ratios are against full fine-tuning in the same run. Then the per-chip estimate of
-`tpu.memory` for Llama-3.1-8B on a TPU v5e-8 (fsdp 8, micro-batch 8 x 1024, sampler 64 x (896 +
-128)) for each mode. The last line printed is JSON.
+temporaries. Ratios are against full fine-tuning in the same run. "estimate" is what `tpu.memory`
+computes for the same model, batch, dtype and devices (its persistent bytes plus its train-step
+peak), set beside the peak so that the estimator can be checked on each machine; on a GPU or TPU the
+JSON line also carries the device allocator's peak over the whole process (`device_peak`: run one
+mode per process to read it per mode). Then the per-chip estimate of `tpu.memory` for Llama-3.1-8B
+on a TPU v5e-8 (fsdp 8, micro-batch 8 x 1024, sampler 64 x (896 + 128)) for each mode. The last
+line printed is JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 import platform
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +94,27 @@ def run_mode(mode: str, cfg, params, batch, c, rank: int, repeats: int, mesh, bl
     return out
 
 
+def estimate_here(cfg, mode: str, rank: int, rows: int, seq: int, block: int) -> int:
+    """tpu.memory's bytes per device for this run: the step's persistent arrays and its peak, with
+    the batch split over every device as the benchmark's mesh splits it."""
+    from tpu import memory
+
+    n = len(jax.devices())
+    kw = dict(chips=n, data=n, fsdp=1, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+              micro_batch_rows=rows, seq_len=seq, block=block)
+    if mode != "full":
+        kw.update(lora_rank=rank, quantize="none" if mode == "lora" else mode.split("-")[1])
+    est = memory.estimate(cfg, **kw)
+    return est["persistent"] + est["train_peak"]
+
+
+def device_peak() -> Optional[int]:
+    """The device allocator's peak bytes in this process (None where the backend keeps no count,
+    as on the CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
 def estimate_8b(mode: str, rank: int) -> dict:
     from tpu import memory
 
@@ -131,20 +157,22 @@ def main(argv=None) -> dict:
     batch = buffers.pack(seqs, micro_batch=rows, max_len=seq, length=seq, weight_by="tokens",
                          rows_multiple=buffers.rows_multiple(mesh))
     results = {m: run_mode(m, cfg, params, batch, c, a.rank, a.repeats, mesh, a.block) for m in modes}
+    for m, r in results.items():
+        r["estimate"] = estimate_here(cfg, m, a.rank, rows, seq, a.block)
     estimates = {m: estimate_8b(m, a.rank) for m in modes}
 
     print(f"\n{name}, {a.dtype}, {jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} "
           f"cores), GRPO step on {rows}x{seq} tokens, LoRA rank {a.rank} on every projection")
     print("\n| mode | base MB | reference MB | trained MB | optimizer MB | held MB | step temporaries MB "
-          "| peak MB | step s | peak / full | time / full |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak MB | estimate MB | step s | peak / full | time / full |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     full = results.get("full")
     for m, r in results.items():
         ratio = (f"{r['peak'] / full['peak']:.2f} | {r['seconds'] / full['seconds']:.2f}" if full
                  else "- | -")
         print(f"| {m} | {r['base'] / MB:.1f} | {r['reference'] / MB:.1f} | {r['trained'] / MB:.1f} | "
               f"{r['optimizer'] / MB:.1f} | {r['held'] / MB:.1f} | {r['temporaries'] / MB:.1f} | "
-              f"{r['peak'] / MB:.1f} | {r['seconds']:.3f} | {ratio} |")
+              f"{r['peak'] / MB:.1f} | {r['estimate'] / MB:.1f} | {r['seconds']:.3f} | {ratio} |")
     gib = 2 ** 30
     print("\nLlama-3.1-8B on a TPU v5e-8 (16 GiB per chip), fsdp 8, bf16, micro-batch 8 x 1024, sampler "
           "64 x (896 + 128), computed by tpu.memory (GiB per chip):\n")
@@ -155,7 +183,7 @@ def main(argv=None) -> dict:
               f"{e['reference'] / gib:.2f} | {e['gradients'] / gib:.2f} | {e['train_peak'] / gib:.2f} | "
               f"{e['total'] / gib:.2f} |")
     summary = {"model": name, "dtype": a.dtype, "device": jax.devices()[0].device_kind, "size": a.size,
-               "rank": a.rank, "results": results,
+               "rank": a.rank, "results": results, "device_peak": device_peak(),
                "v5e8_total_gib": {m: e["total"] / gib for m, e in estimates.items()}}
     if full:
         summary["peak_vs_full"] = {m: r["peak"] / full["peak"] for m, r in results.items()}

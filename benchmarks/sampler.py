@@ -38,17 +38,23 @@ PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who l
 
 
 def memory_bandwidth(on_gpu: bool) -> float:
-    """Bytes/s of a large copy (read + write counted): on the GPU a jitted copy, on the host a
-    NumPy copy (XLA's elementwise CPU loops are slower than the memory system)."""
+    """Bytes/s the memory delivers: the larger of a large copy's rate (read + write counted) and a
+    large sum's (read only, as a decode step mostly reads), best of five each. On the host, NumPy
+    (XLA's elementwise CPU loops are slower than the memory system). Both are microbenchmarks: a
+    decode step can read its weights faster still (BENCHMARKS.md, Llama-3.1-8B on an H200)."""
     if not on_gpu:
         a = np.ones((1 << 28) // 4, np.float32)
         b = np.empty_like(a)
-        return 2 * a.nbytes / min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+        copy = 2 * a.nbytes / min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+        read = a.nbytes / min(_timed(lambda: a.sum()) for _ in range(5))
+        return max(copy, read)
     a = jnp.ones(((1 << 30) // 4,), jnp.float32)
-    copy = jax.jit(lambda x: x * 1.0001)
-    copy(a).block_until_ready()
-    best = min(_timed(lambda: copy(a).block_until_ready()) for _ in range(5))
-    return 2 * a.nbytes / best
+    rates = []
+    for fn, traffic in ((lambda x: x * 1.0001, 2), (jnp.sum, 1)):
+        f = jax.jit(fn)
+        f(a).block_until_ready()
+        rates.append(traffic * a.nbytes / min(_timed(lambda: f(a).block_until_ready()) for _ in range(5)))
+    return max(rates)
 
 
 def _timed(fn) -> float:
