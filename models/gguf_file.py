@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import os
 import re
-from typing import Any, Optional
+import struct
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -52,6 +53,109 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+# GGUF metadata value types: scalars by their struct code, then strings (8) and arrays (9).
+_SCALAR_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+                 12: "d"}
+_STRING, _ARRAY = 8, 9
+# Tensor types read as plain numbers; every other type is kept as its raw bytes per row.
+_PLAIN_TENSORS = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
+                  "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+class _Tensor(NamedTuple):
+    name: str
+    tensor_type: Any   # gguf.GGMLQuantizationType
+    shape: tuple       # GGUF order: the fastest-varying dimension first
+    data: np.ndarray   # a read-only view of the file: numbers, or uint8 rows of quantized blocks
+
+
+class _Cursor:
+    """Reads GGUF's little-endian header fields from a byte buffer; running past the end raises
+    ValueError."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, code: str):
+        size = struct.calcsize(code)
+        if self.pos + size > len(self.buf):
+            raise ValueError(f"header ends at byte {len(self.buf)}, inside a field at byte {self.pos}")
+        (value,) = struct.unpack_from("<" + code, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"a string of {n} bytes at byte {self.pos} runs past the end")
+        text = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        self.pos += n
+        return text
+
+    def value(self, kind: int):
+        if kind in _SCALAR_CODES:
+            return self.scalar(_SCALAR_CODES[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown metadata value type {kind} at byte {self.pos}")
+        item, n = self.scalar("I"), self.scalar("Q")
+        if item in _SCALAR_CODES and item != 7:   # numbers: one view, not n reads
+            dtype = np.dtype("<" + _SCALAR_CODES[item])
+            if self.pos + n * dtype.itemsize > len(self.buf):
+                raise ValueError(f"an array of {n} numbers at byte {self.pos} runs past the end")
+            out = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
+            self.pos += n * dtype.itemsize
+            return out
+        return [self.value(item) for _ in range(n)]
+
+
+def _read_gguf(path: str, gguf) -> tuple:
+    """The metadata fields ({key: value}) and tensors ([_Tensor]) of a GGUF file (versions 2 and
+    3, little-endian), the tensors as views of a read-only memory map."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(mm))
+    if cur.scalar("I") != 0x46554747:   # b"GGUF"
+        raise ValueError("no GGUF magic number")
+    version = cur.scalar("I")
+    if version not in (2, 3):
+        endian = " (a big-endian file)" if version & 0xFFFF == 0 else ""
+        raise ValueError(f"GGUF version {version}{endian} is not supported (2 or 3)")
+    n_tensors, n_fields = cur.scalar("Q"), cur.scalar("Q")
+    fields = {}
+    for _ in range(n_fields):
+        key = cur.string()
+        fields[key] = cur.value(cur.scalar("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = tuple(cur.scalar("Q") for _ in range(cur.scalar("I")))
+        infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
+    align = int(fields.get("general.alignment", 32))
+    start = -(-cur.pos // align) * align
+    tensors = []
+    for name, dims, raw_type, offset in infos:
+        qtype = gguf.GGMLQuantizationType(raw_type)
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        shape = tuple(reversed(dims))   # numpy order: the slowest dimension first
+        if qtype.name in _PLAIN_TENSORS:
+            dtype, count = np.dtype(_PLAIN_TENSORS[qtype.name]), int(np.prod(dims))
+            nbytes = count * dtype.itemsize
+        else:
+            if shape[-1] % block:
+                raise ValueError(f"tensor {name!r}: rows of {shape[-1]} are not whole blocks of {block}")
+            shape = shape[:-1] + (shape[-1] // block * block_bytes,)
+            dtype, count = np.dtype(np.uint8), int(np.prod(shape))
+            nbytes = count
+        at = start + offset
+        if at + nbytes > mm.size:
+            raise ValueError(f"tensor {name!r} ends at byte {at + nbytes}, past the file's "
+                             f"{mm.size} bytes")
+        data = np.frombuffer(mm, dtype, count, at).reshape(shape)
+        tensors.append(_Tensor(name, qtype, dims, data))
+    return fields, tensors
+
+
 class GGUFFile:
     """A GGUF checkpoint, presented as HF-named tensors in HF layout (`get`, `shape`, `keys`)."""
 
@@ -64,8 +168,10 @@ class GGUFFile:
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such GGUF file")
         try:
-            self._reader = gguf.GGUFReader(path, "r")
-            self._tensors = {t.name: t for t in self._reader.tensors}
+            self._fields, tensors = _read_gguf(path, gguf)
+            self._tensors = {t.name: t for t in tensors}
+            if len(self._tensors) != len(tensors):
+                raise ValueError("a tensor name occurs twice")
         except Exception as e:  # the gguf reader raises many types on truncated/corrupt files
             raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         self._gguf = gguf
@@ -82,13 +188,8 @@ class GGUFFile:
         self._cache: collections.OrderedDict = collections.OrderedDict()
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self._reader.fields.get(key)
-        if f is None:
-            return default
-        try:
-            return f.contents()
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: unreadable GGUF field {key!r} ({e})") from None
+        """A metadata value: a number, a string, or a list of them; `default` where it is absent."""
+        return self._fields.get(key, default)
 
     def _required(self, key: str) -> Any:
         value = self.field(key)

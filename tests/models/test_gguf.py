@@ -156,3 +156,30 @@ def test_bad_gguf_files(tmp_path):
     with pytest.raises(CheckpointError, match="cut.gguf"):
         loader.load_gguf(str(tmp_path / "cut.gguf"))
     assert isinstance(GGUFFile(str(tmp_path / "full.gguf")).config(), type(cfg))
+
+
+def test_header_reader_agrees_with_the_gguf_package(smollm2_gguf):
+    """The project's own GGUF header reader gives the gguf package's metadata and tensors."""
+    from models.gguf_file import _read_gguf
+
+    fields, tensors = _read_gguf(smollm2_gguf, gguf)
+    ref = gguf.GGUFReader(smollm2_gguf, "r")
+    expected = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert fields == expected and len(fields["tokenizer.ggml.tokens"]) == 49152
+    assert [t.name for t in tensors] == [t.name for t in ref.tensors]
+    for ours, theirs in zip(tensors, ref.tensors):
+        assert ours.tensor_type == theirs.tensor_type and ours.shape == tuple(theirs.shape.tolist())
+        assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape
+    for i in (0, 1, len(tensors) - 1):
+        np.testing.assert_array_equal(tensors[i].data, ref.tensors[i].data)
+
+
+def test_unsupported_gguf_versions_are_named(tmp_path):
+    cfg = tiny_config(rope_scaling=None)
+    write_gguf(tmp_path / "m.gguf", cfg, llama.init(cfg, jax.random.PRNGKey(0)))
+    data = bytearray((tmp_path / "m.gguf").read_bytes())
+    for version, needle in ((1, "GGUF version 1 is not"), (3 << 24, "big-endian")):
+        data[4:8] = version.to_bytes(4, "little")
+        (tmp_path / "v.gguf").write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=needle):
+            loader.load_gguf(str(tmp_path / "v.gguf"))
