@@ -30,8 +30,6 @@ setup(
         "snowballstemmer>=2.2",
         "tqdm>=4.66",
         "matplotlib>=3.8",
-        # TensorBoard event files without TensorFlow.
-        "tensorboardX>=2.6",
         # Standard benchmarks (playpen_jax.tasks), read as array_record files without TensorFlow.
         "tensorflow-datasets>=4.9",
         "array_record>=0.5",

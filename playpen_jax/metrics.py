@@ -21,7 +21,6 @@ marker at step s + 1, so that TensorBoard hides the events that the interrupted 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import numbers
 import operator
@@ -33,10 +32,6 @@ import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-
-# NaN is a legitimate value here (e.g. the quality of an eval where every episode aborted); the
-# TensorBoard writer would warn about each one.
-logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -216,13 +211,13 @@ class MetricWriter:
         self._repair_jsonl(resume_step)
         self._file = open(self.jsonl_path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from playpen_jax.events import EventFileWriter
 
             # The event file name holds the creation time to the second only; a nanosecond suffix keeps
             # two writers in the same second apart and in creation order (TensorBoard reads event files
             # in name order, which matters for the purge marker of a resumed run).
-            self._tb = SummaryWriter(
-                self.tensorboard_dir, flush_secs=30, filename_suffix=f".{time.time_ns():020d}",
+            self._tb = EventFileWriter(
+                self.tensorboard_dir, filename_suffix=f".{time.time_ns():020d}",
                 purge_step=None if resume_step is None else resume_step + 1)
 
     def _repair_jsonl(self, resume_step: Optional[int]) -> None:
@@ -291,8 +286,8 @@ class MetricWriter:
                     scalars.append((key, raw))
         self._file.write(json.dumps(line, allow_nan=False, ensure_ascii=False) + "\n")
         self._file.flush()
-        for key, value in scalars:
-            self._tb.add_scalar(f"{split}/{key}", value, step)
+        if scalars:
+            self._tb.add_scalars(step, [(f"{split}/{key}", value) for key, value in scalars])
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Writes `text` as a TensorBoard text summary (shown under the tag `"{tag}/text_summary"`).
@@ -308,7 +303,7 @@ class MetricWriter:
         if not isinstance(text, str):
             raise MetricsError(f"text for tag {tag!r} must be a string, got {type(text).__name__}")
         if self._tb is not None:
-            self._tb.add_text(tag, text, step)
+            self._tb.add_text(step, tag, text)
 
     def flush(self) -> None:
         """Pushes everything written so far to disk."""
@@ -391,8 +386,16 @@ def plot_curves(jsonl_path: str, png_path: str, keys: Optional[Sequence[str]] = 
 
     ncols = max(1, min(3, len(chosen)))
     nrows = max(1, math.ceil(len(chosen) / ncols))
-    fig = Figure(figsize=(5.0 * ncols, 3.4 * nrows), layout="constrained")
+    width, height = 5.0 * ncols, 3.4 * nrows
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
+    # Fixed margins in inches (room for tick labels, a title above and "step" below each plot):
+    # a layout engine would fit them per plot, but takes seconds for a run's few dozen plots.
+    left, right, top, bottom, hgap, vgap = 0.65, 0.2, 0.35, 0.5, 0.75, 0.85
+    cell_w = (width - left - right - (ncols - 1) * hgap) / ncols
+    cell_h = (height - top - bottom - (nrows - 1) * vgap) / nrows
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
+                        bottom=bottom / height, wspace=hgap / cell_w, hspace=vgap / cell_h)
     colors = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
     if not chosen:
         ax = fig.add_subplot(1, 1, 1)
