@@ -13,6 +13,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # kill-and-resume, the CLIs): they compile the same steps.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_compilation"))
+# Every executable is kept, not only those that took a second to compile: the tiny models' many
+# small programs are compiled again by each process a test starts.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

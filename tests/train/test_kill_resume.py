@@ -31,7 +31,9 @@ def _argv(model: str, run_dir: Path) -> list:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    # the test's own JAX settings stay out, except its compilation cache (tests/conftest.py)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JAX_") or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return env
 
