@@ -114,6 +114,7 @@ def get_base_config(method: str) -> ConfigDict:
     c.log.every = 1
     c.log.tensorboard = True
     c.log.progress = True           # a tqdm bar
+    c.log.plots = True              # curves.png at the end, clemscore.png for each evaluation
 
     c.export = ConfigDict()
     c.export.hf = True              # write the final policy as an HF safetensors directory

@@ -63,13 +63,15 @@ def _nan_to_none(obj):
     return obj
 
 
-def write_results(out: Path, per_game: dict, meta: dict) -> dict:
+def write_results(out: Path, per_game: dict, meta: dict, plots: bool = True) -> dict:
+    """results.json (the clemscore aggregate with `meta`) and, with `plots`, clemscore.png in `out`."""
     res = clemscore.aggregate(per_game)
     res["meta"] = meta
     res["games"] = {g: {**s, "set": split.set_of(g)}
                     for g, s in res["games"].items()}
     records.dump_json(out / "results.json", _nan_to_none(res))
-    plot(out / "clemscore.png", res, title=meta.get("model", ""))
+    if plots:
+        plot(out / "clemscore.png", res, title=meta.get("model", ""))
     return res
 
 

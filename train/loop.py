@@ -321,7 +321,7 @@ class Run:
         if self.is_main:
             from pathlib import Path
 
-            res = game_eval.write_results(Path(out), per_game, meta)
+            res = game_eval.write_results(Path(out), per_game, meta, plots=bool(c.log.plots))
         else:
             from games import clemscore
 
@@ -532,13 +532,14 @@ def _run(r: Run) -> None:
 
 
 def _write_outputs(r: Run) -> None:
-    """curves.png and the HF export of the final params. The export is written beside `hf/` and
-    renamed into place, so `hf/` exists only complete."""
+    """curves.png (with `log.plots`) and the HF export of the final params. The export is written
+    beside `hf/` and renamed into place, so `hf/` exists only complete."""
     c = r.c
     # every process takes part in gathering the params; process 0 writes them
     params = r.rollout_params(r.state["params"]) if c.export.hf else None
     if r.is_main:
-        plot_curves(os.path.join(c.run_dir, "metrics.jsonl"), os.path.join(c.run_dir, "curves.png"))
+        if c.log.plots:
+            plot_curves(os.path.join(c.run_dir, "metrics.jsonl"), os.path.join(c.run_dir, "curves.png"))
         if c.export.hf:
             final, partial = os.path.join(c.run_dir, "hf"), os.path.join(c.run_dir, "hf.partial")
             shutil.rmtree(partial, ignore_errors=True)

@@ -28,10 +28,10 @@ def grpo_loss_fn(cfg, aggregation):
 
 
 def main_args(model_dir, run_dir, config="configs/grpo.py", **over) -> list:
-    """`train.main` arguments: the tiny model on colourname, every role, short replies; `over`
-    adds or replaces config values (dotted keys)."""
+    """`train.main` arguments: the tiny model on colourname, every role, short replies, no PNG plots
+    (tests that check them ask for `log.plots`); `over` adds or replaces config values (dotted keys)."""
     base = {"model.name": model_dir, "run_dir": str(run_dir), "games.names": "colourname",
             "eval.games": "colourname", "games.learner_roles": "all", "rollout.max_new_tokens": 4,
-            "log.progress": False, "batch.max_seq_len": 128}
+            "log.progress": False, "log.plots": False, "batch.max_seq_len": 128}
     base.update(over)
     return [f"--config={config}"] + [f"--config.{k}={v}" for k, v in base.items()]

@@ -266,7 +266,7 @@ def test_grpo_run_learns_the_test_game_and_writes_its_run_dir(tiny_dir, tmp_path
     run = tmp_path / "grpo"
     argv = _args(tiny_dir, run, **{"steps": 16, "grpo.group_size": 8, "grpo.groups_per_step": 4,
                                    "optimizer.learning_rate": 0.03, "checkpoint.every": 8,
-                                   "eval.every": 8})
+                                   "eval.every": 8, "log.plots": True})
     assert train_main.main(argv) == 0
     train = _metrics(run)
     assert [m["step"] for m in train] == list(range(1, 17))
@@ -288,6 +288,7 @@ def test_grpo_run_learns_the_test_game_and_writes_its_run_dir(tiny_dir, tmp_path
     assert sorted(os.listdir(run / "checkpoints")) == ["16", "8"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "eval" / "step_16" / "clemscore.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads((run / "eval" / "step_16" / "results.json").read_text())
     assert res["games"]["colourname"]["episodes"] == 3
     assert list((run / "eval" / "step_16").rglob("interactions.json"))
@@ -315,6 +316,8 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
     assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4]
     assert [m["reward"] for m in _metrics(split)] == [m["reward"] for m in _metrics(straight)]
+    # log.plots off (the tests' default): no curves.png, no per-evaluation clemscore.png
+    assert not (split / "curves.png").exists() and not list(split.rglob("clemscore.png"))
 
 
 def test_sft_overfits_strong_player_records(tiny_dir, tmp_path):
