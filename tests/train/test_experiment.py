@@ -34,12 +34,12 @@ def _argv(model, data, out, **over):
             "eval_limit": 2, "eval_max_new_tokens": 8, "tasks": "arc_easy,hellaswag",
             "tasks_data_dir": data, "tasks_limit": 3,
             "sft": "steps=3;sft.episodes_per_game=2;sft.batch_size=2;batch.max_seq_len=256;"
-                   "games.learner_roles=all;eval.at_start=false;export.hf=true",
+                   "games.learner_roles=all;eval.at_start=false;log.plots=false;export.hf=true",
             "dpo": "steps=1;dpo.prefix_episodes=2;dpo.branches=2;dpo.teacher_branches=1;"
                    "dpo.pairs_per_step=2;rollout.max_new_tokens=4;batch.max_seq_len=256;"
-                   "games.learner_roles=all;eval.at_start=false",
+                   "games.learner_roles=all;eval.at_start=false;log.plots=false",
             "grpo": "steps=1;grpo.group_size=2;grpo.groups_per_step=1;rollout.max_new_tokens=4;"
-                    "batch.max_seq_len=256;games.learner_roles=all;eval.at_start=false"}
+                    "batch.max_seq_len=256;games.learner_roles=all;eval.at_start=false;log.plots=false"}
     base.update(over)
     return ["--config=configs/experiments/playpen_cpu.py"] + [f"--config.{k}={v}" for k, v in base.items()]
 

@@ -23,7 +23,7 @@ STEPS = 6
 def _argv(model: str, run_dir: Path) -> list:
     over = {"model.name": model, "run_dir": str(run_dir), "games.names": "colourname",
             "eval.games": "colourname", "eval.limit": 1, "eval.every": 3, "games.learner_roles": "all",
-            "rollout.max_new_tokens": 4, "log.progress": False, "batch.max_seq_len": 128,
+            "rollout.max_new_tokens": 4, "log.progress": False, "log.plots": False, "batch.max_seq_len": 128,
             "checkpoint.every": 1, "checkpoint.keep": 2, "log.tensorboard": True, "steps": STEPS,
             "grpo.group_size": 4, "grpo.groups_per_step": 4, "optimizer.learning_rate": 0.03}
     return ([sys.executable, "-m", "train.main", "--config=configs/grpo.py"]
