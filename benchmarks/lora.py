@@ -94,17 +94,21 @@ def run_mode(mode: str, cfg, params, batch, c, rank: int, repeats: int, mesh, bl
     return out
 
 
+def _estimate(model, mode: str, rank: int, **kw) -> dict:
+    """tpu.memory's estimate for `mode` (LoRA / QLoRA settings from the mode's name)."""
+    from tpu import memory
+
+    if mode != "full":
+        kw.update(lora_rank=rank, quantize="none" if mode == "lora" else mode.split("-")[1])
+    return memory.estimate(model, **kw)
+
+
 def estimate_here(cfg, mode: str, rank: int, rows: int, seq: int, block: int) -> int:
     """tpu.memory's bytes per device for this run: the step's persistent arrays and its peak, with
     the batch split over every device as the benchmark's mesh splits it."""
-    from tpu import memory
-
     n = len(jax.devices())
-    kw = dict(chips=n, data=n, fsdp=1, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
-              micro_batch_rows=rows, seq_len=seq, block=block)
-    if mode != "full":
-        kw.update(lora_rank=rank, quantize="none" if mode == "lora" else mode.split("-")[1])
-    est = memory.estimate(cfg, **kw)
+    est = _estimate(cfg, mode, rank, chips=n, data=n, fsdp=1, param_dtype=cfg.param_dtype,
+                    dtype=cfg.dtype, micro_batch_rows=rows, seq_len=seq, block=block)
     return est["persistent"] + est["train_peak"]
 
 
@@ -116,13 +120,9 @@ def device_peak() -> Optional[int]:
 
 
 def estimate_8b(mode: str, rank: int) -> dict:
-    from tpu import memory
-
-    kw = dict(chips=8, fsdp=8, param_dtype="bfloat16", micro_batch_rows=8, seq_len=1024,
-              rollout_batch=64, prompt_len=896, new_tokens=128)
-    if mode != "full":
-        kw.update(lora_rank=rank, quantize="none" if mode == "lora" else mode.split("-")[1])
-    return memory.estimate("llama-3.1-8b", **kw)
+    return _estimate("llama-3.1-8b", mode, rank, chips=8, fsdp=8, param_dtype="bfloat16",
+                     micro_batch_rows=8, seq_len=1024, rollout_batch=64, prompt_len=896,
+                     new_tokens=128)
 
 
 def main(argv=None) -> dict:
