@@ -6,9 +6,11 @@ of those tokens for GRPO) plus per-sequence scalars (advantage, reward, group id
 
 `pack` lays a list of sequences out as [M, n, T] arrays: M micro-batches of n rows of T tokens, each
 sequence starting at position 0 of its own row and right-padded with segment id 0. n is the
-configured micro-batch rounded up to a multiple of the data-parallel size; T is the longest sequence
+configured micro-batch rounded up to a multiple of the data-parallel size, or, for a batch of fewer
+rows than that, its row count rounded up to a power of two (and to that multiple), so that a small
+batch is not padded with rows that would cost a full forward and backward; T is the longest sequence
 rounded up to a power-of-two bucket (at most `max_len`); M is rounded up to a power of two. So a
-jitted step compiles once per (M, T) bucket, a handful of times over a run. Padding rows have an
+jitted step compiles once per (M, n, T) bucket, a handful of times over a run. Padding rows have an
 all-zero loss mask and count nowhere; a micro-batch of padding rows only is skipped by the step.
 
 Each micro-batch carries its `weight`: its share of the normaliser of the whole batch's loss (its
@@ -126,7 +128,7 @@ def pack(seqs: Sequence[TokenSequence], *, micro_batch: int, rows_multiple: int 
     _check_lengths(seqs, max_len)
     t = length or length_bucket(max(len(s.tokens) for s in seqs), max_len)
     placed = _place(seqs, t, packed)
-    n = _rows_per_micro_batch(micro_batch, rows_multiple)
+    n = _rows_per_micro_batch(micro_batch, rows_multiple, len(placed))
     m = micro_batches or _pow2(-(-len(placed) // n))
     if m * n < len(placed):
         raise ValueError(f"pack: {len(placed)} rows do not fit {m} micro-batches of {n}")
@@ -141,8 +143,13 @@ def _check_lengths(seqs: Sequence[TokenSequence], max_len: int) -> None:
         raise ValueError(f"pack: a sequence of {max(too_long)} tokens exceeds max_len={max_len}")
 
 
-def _rows_per_micro_batch(micro_batch: int, rows_multiple: int) -> int:
-    return -(-micro_batch // rows_multiple) * rows_multiple
+def _rows_per_micro_batch(micro_batch: int, rows_multiple: int, rows: int) -> int:
+    """n: micro_batch rounded up to a multiple of rows_multiple; for fewer `rows` than that, the
+    power of two >= rows rounded up to that multiple."""
+    def up(k: int) -> int:
+        return -(-k // rows_multiple) * rows_multiple
+
+    return min(up(micro_batch), up(_pow2(max(rows, 1))))
 
 
 def _fill(seqs: Sequence[TokenSequence], placed: list, m: int, n: int, t: int, pad_id: int) -> dict:
@@ -207,9 +214,9 @@ def pack_shard(seqs: Sequence[TokenSequence], *, shard: int, shards: int, micro_
     """This process's block of rows of a batch that all processes pack together from their own
     sequences; None when no process has a sequence. Every process must call it at the same point.
 
-    The processes agree on T (the bucket of the longest sequence of any process) and on M (the most
-    micro-batches any process needs), so every process's arrays are [M, n / shards, T], where n is
-    the global micro-batch of `pack` (micro_batch rounded up to rows_multiple). Block k of every
+    The processes agree on T (the bucket of the longest sequence of any process), on n (the global
+    micro-batch of `pack` for shards x the most rows any process has) and on M (the most
+    micro-batches any process needs), so every process's arrays are [M, n / shards, T]. Block k of every
     micro-batch's rows is fed by the processes of shard k (`row_shard`); processes of one shard must
     pass the same sequences. `weight` is each global micro-batch's share of the global normaliser.
     With one process and one shard this is `pack` (None for no sequences).
@@ -227,7 +234,8 @@ def pack_shard(seqs: Sequence[TokenSequence], *, shard: int, shards: int, micro_
         return None
     t = length_bucket(longest, max_len)
     placed = _place(seqs, t, packed)
-    n = _rows_per_micro_batch(micro_batch, rows_multiple) // shards
+    most = int(distributed.allgather(len(placed)).max())
+    n = _rows_per_micro_batch(micro_batch, rows_multiple, most * shards) // shards
     m = int(distributed.allgather(_pow2(-(-len(placed) // n))).max())
     out = _fill(seqs, placed, m, n, t, pad_id)
     per = _micro_batch_counts(out, weight_by, packed)

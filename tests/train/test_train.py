@@ -95,8 +95,14 @@ def test_pack_layout_masks_and_weights():
         buffers.pack(seqs, micro_batch=2, max_len=4)
     keep, dropped = buffers.split_fitting(seqs + [buffers.completion([1] * 200, [2])], 128)
     assert len(keep) == 3 and dropped == 1
+    # a batch smaller than a micro-batch is padded to a power of two of rows (and to the data-parallel
+    # multiple), not to the configured micro-batch
+    assert buffers.pack(seqs, micro_batch=8, max_len=128)["valid"].tolist() == [[1, 1, 1, 0]]
+    assert buffers.pack(seqs[:2], micro_batch=8, max_len=128)["tokens"].shape == (1, 2, 64)
+    assert buffers.pack(seqs, micro_batch=8, rows_multiple=8, max_len=128)["tokens"].shape == (1, 8, 64)
+    assert buffers.pack(seqs, micro_batch=4, rows_multiple=2, max_len=128)["tokens"].shape == (1, 4, 64)
     p = buffers.pack(seqs, micro_batch=2, max_len=128, packed=True)
-    assert p["tokens"].shape == (1, 2, 64) and p["valid"].tolist() == [[1, 0]]
+    assert p["tokens"].shape == (1, 1, 64) and p["valid"].tolist() == [[1]]
     row = p["segment_ids"][0, 0]
     assert row[:5].tolist() == [1] * 5 and row[5:9].tolist() == [2] * 4 and row[9:12].tolist() == [3] * 3
     assert p["positions"][0, 0, 5:9].tolist() == [0, 1, 2, 3]
