@@ -10,7 +10,7 @@ import pytest
 
 from models import llama, registry
 from models.errors import UnknownModelError
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,7 +29,7 @@ def test_registry_resolves_embedded_model_and_rejects_unknown(tmp_path):
 
 @pytest.mark.slow
 def test_generate_cli_on_embedded_model():
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "PYTHONPATH": REPO}
     out = subprocess.run([sys.executable, "-m", "models.generate", "--prompt",
                           "What is the capital of France? Answer in one word.",
                           "--max_new_tokens", "12"], capture_output=True, text=True, env=env,
@@ -46,7 +46,7 @@ def test_generate_cli_on_embedded_model():
 
 @pytest.mark.slow
 def test_generate_cli_batch_file(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "PYTHONPATH": REPO}
     batch = tmp_path / "prompts.jsonl"
     batch.write_text("\n".join([
         json.dumps({"id": "france", "prompt": "What is the capital of France? One word."}),

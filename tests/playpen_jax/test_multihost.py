@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 from playpen_jax import buffers, distributed
 from playpen_jax import sharding as shd
+from tests.conftest import xla_flags
 from tests.train.helpers import main_args
 from tests.train.tiny_model import make_tiny_model
 
@@ -161,7 +162,7 @@ def _launch(args: list, processes: int, timeout: float = 600, via_config: bool =
     for pid in range(processes):
         env = {k: v for k, v in os.environ.items() if k not in distributed.ENV_VARS}
         env.update(JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={GLOBAL_DEVICES // processes}")
+                   XLA_FLAGS=xla_flags(GLOBAL_DEVICES // processes))
         extra = []
         if processes > 1 and via_config:
             extra = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.conftest import xla_flags
 from tests.train.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def _env() -> dict:
     # the test's own JAX settings stay out, except its compilation cache (tests/conftest.py)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("JAX_") or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     return env
 
 

@@ -17,7 +17,7 @@ from playpen_jax import sharding as shd
 from playpen_jax.config import ConfigError, apply_override, validate
 from playpen_jax.config import load_file as load_config
 from playpen_jax.metrics import read_jsonl
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, xla_flags
 from tests.train.helpers import grpo_loss_fn, main_args, optimizer
 from tests.train.tiny_model import make_tiny_model
 from train import main as train_main
@@ -447,7 +447,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     run = tmp_path / "term"
     argv = _args(tiny_dir, run, **{"steps": 400, "grpo.group_size": 2, "grpo.groups_per_step": 1,
                                    "checkpoint.every": 0, "eval.at_start": False, "export.hf": False})
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     proc = subprocess.Popen([sys.executable, "-m", "train.main"] + argv, env=env, stderr=subprocess.PIPE,
                             text=True)
     metrics = run / "metrics.jsonl"
