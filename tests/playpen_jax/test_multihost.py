@@ -102,6 +102,12 @@ def test_one_process_without_settings():
     ref = buffers.pack(seqs, micro_batch=2, max_len=64, packed=True)
     assert one.keys() == ref.keys() and all(np.array_equal(one[k], ref[k]) for k in ref)
     assert buffers.pack_shard([], shard=0, shards=1, micro_batch=2, max_len=64) is None
+    # a shard's block of a small batch: the global micro-batch is a power of two >= shards x the most
+    # rows any shard has (2 x 2), not the configured 8, so each of the two shards fills 2 rows
+    block = buffers.pack_shard(seqs, shard=0, shards=2, micro_batch=8, rows_multiple=2, max_len=64)
+    assert block["tokens"].shape == (1, 2, 64) and block["valid"].tolist() == [[1, 1]]
+    assert buffers.pack_shard(seqs, shard=1, shards=2, micro_batch=1, rows_multiple=2,
+                              max_len=64)["tokens"].shape == (2, 1, 64)
     with pytest.raises(ValueError, match="shards=2 with one process"):
         buffers.to_device(ref, mesh, shards=2)
 
