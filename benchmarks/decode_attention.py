@@ -22,24 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.train_step import timed_calls
 from models import llama, sampler
 from models.config import preset
 
 
 def median_time(fn, repeats: int) -> float:
     fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(np.median(timed_calls(fn, repeats)))
 
 
 def case(b: int, s: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0) -> dict:

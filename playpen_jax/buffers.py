@@ -236,7 +236,7 @@ def pack_shard(seqs: Sequence[TokenSequence], *, shard: int, shards: int, micro_
     placed = _place(seqs, t, packed)
     most = int(distributed.allgather(len(placed)).max())
     n = _rows_per_micro_batch(micro_batch, rows_multiple, most * shards) // shards
-    m = int(distributed.allgather(_pow2(-(-len(placed) // n))).max())
+    m = _pow2(-(-most // n))   # the micro-batches that the process with the most rows needs
     out = _fill(seqs, placed, m, n, t, pad_id)
     per = _micro_batch_counts(out, weight_by, packed)
     out["weight"] = _weights(distributed.shard_sum(per, shard).astype(np.float32))
