@@ -30,6 +30,7 @@ import numpy as np
 from benchmarks.train_step import timed_calls
 from models import llama, sampler
 from models.config import preset
+from models.errors import ConfigError
 
 
 def median_time(fn, repeats: int) -> float:
@@ -80,6 +81,17 @@ def torch_sdpa(c: dict, repeats: int) -> tuple[float, np.ndarray]:
     return median_time(run, repeats), out
 
 
+def _positive_ints(p: argparse.ArgumentParser, flag: str, text: str) -> list:
+    """A comma-separated list of positive integers, or the parser's error naming the flag."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        p.error(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="smollm2-135m", help="the model shape whose heads to use")
@@ -88,14 +100,20 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no_torch", action="store_true", help="skip the torch peer")
     args = p.parse_args(argv)
-    cfg = preset(args.preset)
+    try:
+        cfg = preset(args.preset)
+    except ConfigError as e:
+        p.error(str(e))
+    batches, slots = _positive_ints(p, "--batches", args.batches), _positive_ints(p, "--slots", args.slots)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     device = jax.devices()[0]
     rows, summary = [], {"preset": args.preset, "device": device.platform, "layers": cfg.num_layers,
                          "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
                          "shapes": {}}
-    for b in [int(x) for x in args.batches.split(",")]:
+    for b in batches:
         options = sampler.default_xla_options(b) if device.platform == "cpu" else {}
-        for s in [int(x) for x in args.slots.split(",")]:
+        for s in slots:
             c = case(b, s, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             cache_bytes = c["k"].nbytes + c["v"].nbytes
             t_ours, out = ours(c, options, args.repeats)

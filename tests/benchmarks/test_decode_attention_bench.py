@@ -25,6 +25,20 @@ def test_small_shapes_report_every_key(capsys):
     assert summary["vs_torch"] == max(r["vs_torch"] for r in summary["shapes"].values())
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--batches=2,x"], "--batches must be comma-separated positive integers, got '2,x'"),
+    (["--slots=0"], "--slots must be comma-separated positive integers"),
+    (["--repeats=0"], "--repeats must be >= 1"),
+    (["--preset=nope"], "unknown preset 'nope'"),
+])
+def test_bad_arguments_get_one_clear_error(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
 def test_masked_slots_do_not_count():
     """The case's left padding is honoured: changing a masked slot's key and value changes nothing."""
     c = bench.case(2, 32, 4, 2, 8)
