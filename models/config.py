@@ -246,6 +246,34 @@ PRESETS["llama-3.2-3b-instruct"] = PRESETS["llama-3.2-3b"]
 PRESETS["smollm2-135m-instruct"] = PRESETS["smollm2-135m"]
 
 
+# x86 feature flags (as /proc/cpuinfo names them) of bf16 matmul units
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def resolve_matmul_dtype(value: Optional[str], backend: Optional[str] = None,
+                         flags: Optional[frozenset] = None) -> Optional[str]:
+    """The weight matmuls' dtype that a run config's `model.matmul_dtype` asks for: "" or None
+    give None (the compute dtype); "auto" gives "bfloat16" on a CPU with bf16 matmul units (AVX512-BF16
+    or AMX) and None elsewhere (on AVX2 alone, bf16 matmuls made a train step 1.25x slower, and
+    accelerators take their precision from `dtype`); a dtype name is returned as given.
+    backend / flags: default jax's backend and the host's /proc/cpuinfo flags."""
+    if not value:
+        return None
+    if value != "auto":
+        return value
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return None
+    if flags is None:
+        from models.sampler import cpu_flags
+
+        flags = cpu_flags()
+    return "bfloat16" if flags & BF16_CPU_FLAGS else None
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 

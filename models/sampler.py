@@ -54,6 +54,13 @@ def cpu_flags() -> frozenset:
 _NO_YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _NO_YNN_MAX_BATCH = 32
 
+# Prompt (and new-token) length buckets: steps of 64 up to 512, then 128, 256 and 512, so that a
+# prompt is padded by at most a quarter of its length from 256 tokens on (powers of two pad by up to
+# a half). Rollout prompts of dialogue games are a few hundred tokens; prefill is most of a rollout
+# call's time, and its work and the decode's cache reads grow with the padded length.
+LENGTH_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
+                  2048, 2560, 3072, 3584, 4096)
+
 
 def default_xla_options(batch: int, flags: Optional[frozenset] = None) -> dict:
     """XLA compile options for a decode executable of `batch` rows on this host's CPU (see above)."""
@@ -149,6 +156,9 @@ class Sampler:
     its full length at once, as it is for a batch of one. Default: 32 on CPU, where attention's
     reads of the cache are about a third of a decode step at batch 32; 0 elsewhere (on an H200 it
     was 4-12% slower than a full-length cache).
+    split_prefill: prefill a batch whose prompts differ much in length in two or four chunks of
+    rows, each padded to its own length bucket (`prefill_chunks`); bucket padding rows are not
+    prefilled. Off, or under a mesh that splits the batch, every row is padded to the longest.
     xla_options: XLA compile options for the decode executables (e.g.
     {"xla_cpu_experimental_ynn_fusion_type": ""}); {}: none. Default: `default_xla_options` on
     CPU, which picks the dot kernels measured fastest for the host's vector extensions; none
@@ -157,9 +167,10 @@ class Sampler:
 
     def __init__(self, config: LlamaConfig, *, mesh: Optional[Mesh] = None, pad_id: int = 0,
                  batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                 length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
+                 length_buckets: Sequence[int] = LENGTH_BUCKETS,
                  stop_check_every: int = 32, unstack_layers: Optional[bool] = None,
-                 cache_block: Optional[int] = None, xla_options: Optional[dict] = None):
+                 cache_block: Optional[int] = None, xla_options: Optional[dict] = None,
+                 split_prefill: bool = True):
         self.config = config
         # Decoding from per-layer arrays avoids slicing every layer's weights out of the stacked
         # arrays at each step (XLA:CPU materialises those slices).
@@ -188,6 +199,7 @@ class Sampler:
             raise ValueError(f"sampler: cache_block must be >= 0, got {cache_block}")
         self.cache_block = cache_block
         self.xla_options = None if xla_options is None else dict(xla_options)
+        self.split_prefill = split_prefill
         self._compiled: dict = {}
 
     @property
@@ -251,7 +263,7 @@ class Sampler:
             return self.xla_options
         return default_xla_options(batch) if jax.default_backend() == "cpu" else {}
 
-    def _compile(self, key, fn, *args, options: Optional[dict] = None):
+    def _compile(self, key, fn, *args, options: Optional[dict] = None, donate: tuple = ()):
         if key not in self._compiled:
             layout = None
             if self.mesh is not None:   # rows stay split over the data axes (see llama.activation_layout)
@@ -259,7 +271,7 @@ class Sampler:
 
                 layout = sharding.constrain_activations(self.mesh)
             with llama.activation_layout(layout):
-                lowered = jax.jit(fn).lower(*args)
+                lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
             try:
                 self._compiled[key] = lowered.compile(compiler_options=options or None)
             except jax.errors.JaxRuntimeError as e:
@@ -279,10 +291,79 @@ class Sampler:
             cache = llama.init_cache(config, tokens.shape[0], cache_len, per_layer=self.unstack)
             if shardings is not None:
                 cache = jax.lax.with_sharding_constraint(cache, shardings)
-            logits, cache = llama.forward(params, tokens, positions, segments, cache, config=config)
-            return logits[:, -1], cache
+            # the LM head at the last position only: at every position it is about a fifth of a
+            # prefill's work (SmolLM2-135M, 49,152-token vocabulary)
+            x, cache = llama.forward(params, tokens, positions, segments, cache, config=config,
+                                     return_hidden=True)
+            return llama.lm_head(params, x[:, -1], config), cache
 
         return prefill
+
+    def _chunk_prefill_fn(self):
+        """Prefills rows [row, row + b) of a cache for the whole batch from a chunk of prompts padded to
+        their own length P_c: their keys go to slots [slot, slot + P_c), slot = P - P_c, so that they
+        end where the longest chunk's do; the slots before stay empty. (cache, logits) are donated."""
+        config, shardings = self.config, self._cache_shardings()
+
+        def prefill(params, cache, logits, tokens, positions, segments, row, slot):
+            b = tokens.shape[0]
+            cache_len = cache["positions"].shape[1]
+            sub = llama.init_cache(config, b, cache_len, per_layer=self.unstack)
+            sub = dict(sub, index=slot)
+            x, sub = llama.forward(params, tokens, positions, segments, sub, config=config,
+                                   return_hidden=True)
+
+            def put(full, part, axis):
+                start = [jnp.int32(0)] * full.ndim
+                start[axis] = row
+                return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), start)
+
+            batch_axis = 0 if self.unstack else 1
+            out = {"k": jax.tree_util.tree_map(lambda f, q: put(f, q, batch_axis), cache["k"], sub["k"]),
+                   "v": jax.tree_util.tree_map(lambda f, q: put(f, q, batch_axis), cache["v"], sub["v"]),
+                   "positions": put(cache["positions"], sub["positions"], 0),
+                   "segment_ids": put(cache["segment_ids"], sub["segment_ids"], 0),
+                   "index": sub["index"]}
+            if shardings is not None:
+                out = jax.lax.with_sharding_constraint(out, shardings)
+            logits = put(logits, llama.lm_head(params, x[:, -1], config), 0)
+            return logits, out
+
+        return prefill
+
+    def _empty_fn(self, batch: int, cache_len: int):
+        config, shardings = self.config, self._cache_shardings()
+
+        def empty():
+            cache = llama.init_cache(config, batch, cache_len, per_layer=self.unstack)
+            if shardings is not None:
+                cache = jax.lax.with_sharding_constraint(cache, shardings)
+            return jnp.zeros((batch, config.vocab_size), jnp.float32), cache
+
+        return empty
+
+    def prefill_chunks(self, lengths: Sequence[int]) -> list:
+        """How the prefill splits a batch whose prompt lengths (bucket padding rows 0) are
+        `lengths`, longest first: [(first row, rows, padded length)], chunks of all-padding rows
+        left out. One chunk unless halves or quarters, each padded to its own length bucket, save
+        at least a fifth of the prefill's tokens (a left-padded batch otherwise pads every prompt
+        to the longest)."""
+        batch = len(lengths)
+        top = self.length_buckets[-1]
+        whole = [(0, batch, _round_up(max(lengths), self.length_buckets, top))]
+        if not self.split_prefill or self._batch_multiple() != 1:   # (chunks would cut across the
+            return whole                                             # data-parallel split)
+        best, best_cost = whole, batch * whole[0][2]
+        for k in (2, 4):
+            size = batch // k
+            if size < 1 or batch % k:
+                break
+            chunks = [(r, size, _round_up(max(lengths[r:r + size]), self.length_buckets, top))
+                      for r in range(0, batch, size) if max(lengths[r:r + size]) > 0]
+            cost = sum(size * p for _, size, p in chunks)
+            if cost <= 0.8 * best_cost:
+                best, best_cost = chunks, cost
+        return best
 
     def _grow_fn(self, cache_len: int):
         """Pads a KV cache with empty slots (segment id 0, never attended to) to cache_len."""
@@ -371,24 +452,43 @@ class Sampler:
         # that it makes once per decode call, which costs more than the shorter cache saves)
         room = min(self.cache_block, new_len) if self.cache_block and batch > 1 else new_len
 
-        rows = [list(p) for p in prompts] + [[]] * (batch - n)  # bucket rows are all padding
+        # Rows run longest first when the prefill is split into chunks of similar lengths (see
+        # `prefill_chunks`); the outputs are put back in the prompts' order at the end.
+        lengths = np.array([len(p) for p in prompts] + [0] * (batch - n))
+        chunks = self.prefill_chunks(sorted(lengths, reverse=True))
+        chunked = chunks != [(0, batch, plen)]
+        order = np.argsort(-lengths[:n], kind="stable") if chunked else np.arange(n)
+        rows = [list(prompts[i]) for i in order] + [[]] * (batch - n)  # bucket rows are all padding
         tokens, positions, segments = pad_batch(rows, self.pad_id, plen, left=True)
         prompt_lengths = segments.sum(axis=1).astype(np.int32)
-        tokens, positions, segments = map(self._put, (tokens, positions, segments))
 
         if self._prepares:
             params = self._prepared(params)
         sig = (jax.tree_util.tree_structure(params),   # e.g. with or without LoRA adapters
                tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
                      for x in jax.tree_util.tree_leaves(params)))
-        prefill = self._compile(("prefill", batch, plen, plen + room, sig),
-                                self._prefill_fn(plen + room), params, tokens, positions, segments)
-        logits, cache = prefill(params, tokens, positions, segments)
+        if not chunked:
+            tokens, positions, segments = map(self._put, (tokens, positions, segments))
+            prefill = self._compile(("prefill", batch, plen, plen + room, sig),
+                                    self._prefill_fn(plen + room), params, tokens, positions, segments)
+            logits, cache = prefill(params, tokens, positions, segments)
+        else:
+            empty = self._compile(("empty", batch, plen + room), self._empty_fn(batch, plen + room))
+            logits, cache = empty()
+            fn = self._chunk_prefill_fn()
+            for row, size, clen in chunks:
+                part = [self._put(np.ascontiguousarray(a[row:row + size, plen - clen:]))
+                        for a in (tokens, positions, segments)]
+                at = (jnp.int32(row), jnp.int32(plen - clen))
+                prefill = self._compile(("prefill_chunk", batch, size, clen, plen + room, sig), fn,
+                                        params, cache, logits, *part, *at, donate=(1, 2))
+                logits, cache = prefill(params, cache, logits, *part, *at)
 
         rng = jax.random.PRNGKey(0) if rng is None else rng
         row_seeds = np.arange(batch, dtype=np.uint32)
         if seeds is not None:
             row_seeds[:n] = np.asarray(seeds, np.uint32)
+        row_seeds[:n] = row_seeds[order]   # a row's seed follows its prompt
         row_keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.asarray(row_seeds))
         done = np.zeros((batch,), bool)
         done[n:] = True  # bucket padding rows
@@ -413,7 +513,7 @@ class Sampler:
                                      self._grow_fn(plen + room), state["cache"])
                 state["cache"] = grow(state["cache"])
             until = min(until + chunk, max_new_tokens, room)
-            decode = self._compile(("decode", batch, plen, plen + room, sig,
+            decode = self._compile(("decode", batch, new_len, plen + room, sig,
                                     tuple(sorted(mode.items()))),
                                    self._decode_fn(**mode), params, state, stop_arr, row_keys,
                                    jnp.float32(temperature), jnp.float32(top_p), jnp.int32(0),
@@ -430,10 +530,11 @@ class Sampler:
             if bool(np.all(np.asarray(state["done"]))):
                 break
 
-        toks = np.array(state["tokens"])[:n]
-        logps = np.array(state["logprobs"])[:n]
-        lengths = np.asarray(state["lengths"])[:n].copy()
-        stopped = np.asarray(state["stopped"])[:n]
+        back = np.argsort(order)   # the prompts' order
+        toks = np.array(state["tokens"])[:n][back]
+        logps = np.array(state["logprobs"])[:n][back]
+        lengths = np.asarray(state["lengths"])[:n][back]
+        stopped = np.asarray(state["stopped"])[:n][back]
         reasons = ["stop" if s else "length" for s in stopped]
         texts = [] if tokenizer is not None else None
         for i in range(n):

@@ -202,7 +202,7 @@ def validate(c: ConfigDict) -> ConfigDict:
                 raise ConfigError(f"config.lora.targets={c.lora.targets!r}: {e}") from None
     _choice(c, "model.dtype", DTYPES)
     if "matmul_dtype" in c.model:
-        _choice(c, "model.matmul_dtype", ("",) + DTYPES)
+        _choice(c, "model.matmul_dtype", ("", "auto") + DTYPES)
     for axis in ("data", "fsdp", "tensor"):
         v = c.mesh[axis]
         _require(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{axis}", v, "must be >= 1 or -1")

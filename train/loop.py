@@ -20,6 +20,7 @@ from games import records, registry
 from games.env import BatchedGameEnv, RewardConfig
 from models import lora, quant, remote
 from models import registry as model_registry
+from models.config import resolve_matmul_dtype
 from models.sampler import Sampler
 from playpen_jax import buffers, distributed
 from playpen_jax import sharding as shd
@@ -114,8 +115,12 @@ class Run:
             c.model.name, tokenizer_path=c.model.tokenizer or None,
             shardings=lambda cfg: train_step.param_shardings(cfg, self.mesh),
             param_dtype=c.model.param_dtype, dtype=c.model.dtype,
-            matmul_dtype=c.model.get("matmul_dtype") or None)
+            matmul_dtype=resolve_matmul_dtype(c.model.get("matmul_dtype", "")))
         self.mcfg = self.model.config
+        if c.model.get("matmul_dtype") == "auto" and self.is_main:
+            name = jnp.dtype(self.mcfg.jnp_matmul_dtype).name
+            print(f"model.matmul_dtype=auto: the weight matmuls run in {name} on this "
+                  f"{jax.default_backend()}", file=sys.stderr)
         self.lora = None
         if int(c.lora.rank) > 0:
             self._setup_lora()

@@ -33,10 +33,11 @@ def get_config() -> ConfigDict:
     # TFDS datasets prepared as array_record (`tfds build`, or `python -m playpen_jax.task_data`)
     c.tasks_data_dir = "~/tensorflow_datasets"
     c.tasks_limit = 200             # examples per task
-    # Overrides for every stage (training and the game evaluations): the weight matmuls take bf16
-    # inputs under f32 activations, which on CPUs with bf16 units makes rollouts about 1.4x and
-    # training steps about 1.15x faster (BENCHMARKS.md). "" for plain float32.
-    c.common = "model.matmul_dtype=bfloat16"
+    # Overrides for every stage (training and the game evaluations): on CPUs with bf16 units the
+    # weight matmuls take bf16 inputs under f32 activations, which makes rollouts about 1.4x and
+    # training steps about 1.15x faster there; on CPUs without them (AVX2 alone) a train step was
+    # 1.25x slower so, and "auto" keeps float32 (BENCHMARKS.md). "" for plain float32 everywhere.
+    c.common = "model.matmul_dtype=auto"
     # SFT: about 2 epochs of the 352 chats of 32 strong-player episodes per game; a step of 8 chats
     # takes about a minute on 2 CPU cores (float32), so about 1.5 hours.
     c.sft = ("steps=90;optimizer.learning_rate=2e-5;sft.episodes_per_game=32;sft.batch_size=8;"

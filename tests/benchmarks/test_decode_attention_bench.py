@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import decode_attention as bench
 from models import llama
+from tests.benchmarks import assert_usage_error
 
 
 def test_small_shapes_report_every_key(capsys):
@@ -32,11 +33,7 @@ def test_small_shapes_report_every_key(capsys):
     (["--preset=nope"], "unknown preset 'nope'"),
 ])
 def test_bad_arguments_get_one_clear_error(argv, needle, capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err
+    assert_usage_error(bench.main, argv, needle, capsys)
 
 
 def test_masked_slots_do_not_count():

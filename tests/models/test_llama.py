@@ -278,6 +278,24 @@ def test_matmul_dtype_is_checked():
         tiny_config(matmul_dtype="int8")
 
 
+def test_auto_matmul_dtype_follows_the_cpu():
+    from models.config import resolve_matmul_dtype
+
+    avx2 = frozenset({"avx2", "fma", "f16c"})
+    assert resolve_matmul_dtype("auto", "cpu", avx2 | {"avx512_bf16"}) == "bfloat16"
+    assert resolve_matmul_dtype("auto", "cpu", avx2 | {"amx_bf16"}) == "bfloat16"
+    assert resolve_matmul_dtype("auto", "cpu", avx2 | {"avx512f"}) is None
+    assert resolve_matmul_dtype("auto", "gpu", avx2 | {"avx512_bf16"}) is None
+    assert resolve_matmul_dtype("", "cpu", avx2) is None and resolve_matmul_dtype(None) is None
+    assert resolve_matmul_dtype("bfloat16", "gpu") == "bfloat16"
+    # this host: whatever its flags say
+    from models.sampler import cpu_flags
+
+    here = resolve_matmul_dtype("auto")
+    assert here == ("bfloat16" if jax.default_backend() == "cpu" and {"avx512_bf16", "amx_bf16"} & cpu_flags()
+                    else None)
+
+
 def test_param_axes_cover_every_leaf():
     for tied in (False, True):
         cfg = tiny_config(tie_word_embeddings=tied)

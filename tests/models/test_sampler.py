@@ -176,6 +176,66 @@ def test_same_bucket_does_not_recompile(params):
     assert sampler.compile_count == 5
 
 
+def test_new_token_buckets_do_not_share_decode_executables(params):
+    """Two calls whose prompts and first cache block agree but whose max_new_tokens fall in
+    different buckets hold output buffers of different lengths: each gets its own decode
+    executable, and the second call's result is that of a fresh sampler."""
+    prompts = [[4] * 10, [5, 6]]
+    sampler = Sampler(CFG, cache_block=8)
+    short = sampler.generate(params, prompts, max_new_tokens=6, temperature=0)
+    long = sampler.generate(params, prompts, max_new_tokens=70, temperature=0)
+    fresh = Sampler(CFG, cache_block=8).generate(params, prompts, max_new_tokens=70, temperature=0)
+    assert long.tokens.shape == (2, 70) and np.array_equal(long.tokens, fresh.tokens)
+    assert np.array_equal(short.tokens, long.tokens[:, :6])
+
+
+def test_prompts_pad_to_fine_buckets():
+    """Prompts of a few hundred tokens are padded by at most a quarter of their length."""
+    from models.sampler import LENGTH_BUCKETS, _round_up
+
+    for n in range(256, 4097):
+        assert _round_up(n, LENGTH_BUCKETS, LENGTH_BUCKETS[-1]) - n < n / 4
+
+
+def test_prefill_chunks_follow_the_lengths():
+    """Halves or quarters, each padded to its own bucket, when they save a fifth of the tokens;
+    chunks of bucket padding rows (length 0) are not prefilled."""
+    s = Sampler(CFG)
+    assert s.prefill_chunks([100, 90, 3, 2]) == [(0, 2, 128), (2, 2, 64)]
+    assert s.prefill_chunks([100, 90, 80, 70]) == [(0, 4, 128)]
+    assert s.prefill_chunks([100, 3, 0, 0]) == [(0, 1, 128), (1, 1, 64)]
+    assert s.prefill_chunks([60, 50, 40, 0]) == [(0, 1, 64), (1, 1, 64), (2, 1, 64)]
+    assert s.prefill_chunks([7]) == [(0, 1, 64)]
+    assert Sampler(CFG, split_prefill=False).prefill_chunks([100, 3, 2, 1]) == [(0, 4, 128)]
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4})   # chunks would cut the data split
+    assert Sampler(CFG, mesh=mesh).prefill_chunks([100, 3, 2, 1]) == [(0, 4, 128)]
+
+
+@pytest.mark.parametrize("unstack", [False, True])
+def test_split_prefill_samples_what_one_prefill_does(params, byte_tokenizer, unstack):
+    """Prompts of 3 to 100 tokens prefilled in chunks of their own lengths (the rows reordered,
+    longest first, and put back) give the tokens and log-probs of one prefill padded to the
+    longest, with per-row seeds and stop strings too."""
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(3, 250, size=n)) for n in (3, 100, 7, 90, 20)]
+    kw = dict(max_new_tokens=12, temperature=0.9, rng=jax.random.PRNGKey(2), seeds=[11, 3, 5, 7, 9],
+              stop_strings=["e"], tokenizer=byte_tokenizer)
+    split = Sampler(CFG, unstack_layers=unstack, cache_block=4, stop_check_every=5)
+    whole = Sampler(CFG, unstack_layers=unstack, cache_block=4, stop_check_every=5, split_prefill=False)
+    a, b = split.generate(params, prompts, **kw), whole.generate(params, prompts, **kw)
+    assert any(k[0] == "prefill_chunk" for k in split._compiled)
+    assert not any(k[0] == "prefill_chunk" for k in whole._compiled)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.lengths, b.lengths)
+    assert a.finish_reasons == b.finish_reasons and a.texts == b.texts
+    assert np.abs(a.logprobs - b.logprobs).max() <= 1e-5
+    # greedy, one row at a time: what a batch of one (never split) gives
+    g = split.generate(params, prompts, max_new_tokens=6, temperature=0)
+    for i, p in enumerate(prompts):
+        one = whole.generate(params, [p], max_new_tokens=6, temperature=0)
+        assert g.row(i) == one.row(0)
+        assert np.abs(g.logprobs[i] - one.logprobs[0]).max() <= 1e-4
+
+
 def test_deterministic_and_per_row_seeds(params):
     sampler = Sampler(CFG)
     prompt = [5, 6, 7]

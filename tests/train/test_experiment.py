@@ -62,8 +62,8 @@ def test_protocol_runs_every_stage_and_reports(setup, tmp_path):
     # `common` reaches every training and game-evaluation stage
     runs = [k for k in stages if not k.startswith("tasks/")]
     assert len(runs) == 3 + 4 * 2
-    assert all("--config.model.matmul_dtype=bfloat16" in stages[k]["command"] for k in runs)
-    assert json.loads((out / "grpo" / "config.json").read_text())["model"]["matmul_dtype"] == "bfloat16"
+    assert all("--config.model.matmul_dtype=auto" in stages[k]["command"] for k in runs)
+    assert json.loads((out / "grpo" / "config.json").read_text())["model"]["matmul_dtype"] == "auto"
     # DPO and GRPO start from the SFT model; SFT from the base
     assert stages["train/sft"]["model"] == model
     assert stages["train/dpo"]["model"] == stages["train/grpo"]["model"] == str(out / "sft" / "hf")
