@@ -292,6 +292,21 @@ def test_sharded_equals_unsharded(params):
     assert out.tokens.shape == (5, 8)
 
 
+def test_split_prefill_under_tensor_parallelism(params):
+    """With heads split over a tensor axis and the batch whole, the prefill is split into chunks
+    and writes them into the sharded cache; the samples are the unsharded ones."""
+    mesh = sharding.make_mesh({"data": 1, "tensor": 2}, jax.devices()[:2])
+    shardings = sharding.tree_shardings(llama.param_axes(CFG), llama.param_shapes(CFG), mesh)
+    prompts = [list(range(3, 103)), [5, 6, 7], list(range(10, 100)), [9]]
+    kw = dict(max_new_tokens=6, temperature=0.9, rng=jax.random.PRNGKey(4))
+    plain = Sampler(CFG, cache_block=0).generate(params, prompts, **kw)
+    sampler = Sampler(CFG, mesh=mesh, cache_block=3)
+    out = sampler.generate(jax.device_put(params, shardings), prompts, **kw)
+    assert any(k[0] == "prefill_chunk" for k in sampler._compiled)
+    assert np.array_equal(plain.tokens, out.tokens)
+    assert np.abs(plain.logprobs - out.logprobs).max() <= 1e-4
+
+
 def test_bad_arguments(params):
     sampler = Sampler(CFG)
     with pytest.raises(ValueError, match="at least one token"):
