@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.decode_attention import _positive_ints
 from models import registry
 from models.errors import ModelError
-from models.sampler import Sampler
+from models.sampler import Sampler, _round_up
 
 FIRST_TURN_LENGTHS = "223,224,225,226,235,235,235,236,250,250,250,250,278,278,279,280,287,287,287," \
                      "289,362,362,363,364,445,449,449,452"
@@ -35,7 +35,7 @@ FIRST_TURN_LENGTHS = "223,224,225,226,235,235,235,236,250,250,250,250,278,278,27
 def chunks(sampler: Sampler, lengths: list) -> list:
     """The sampler's prefill chunks for prompts of these lengths, its batch bucket's padding rows
     included."""
-    batch = next((b for b in sampler.batch_buckets if b >= len(lengths)), len(lengths))
+    batch = _round_up(len(lengths), sampler.batch_buckets, 1)   # the sampler's own batch bucket
     return sampler.prefill_chunks(sorted(lengths, reverse=True) + [0] * (batch - len(lengths)))
 
 
