@@ -85,6 +85,8 @@ def sequence_logprobs(
     Memory: with `remat` each layer is recomputed in the backward pass, and the LM head and its
     log-softmax run over `chunk` positions at a time (recomputed in the backward pass too), so
     neither the attention scores of every layer nor the [B, T, V] logits are ever held at once.
+    Work: with chunk > 0 the LM head runs only at the positions the mask counts (rounded up to
+    whole chunks of the row with the most), not at every position (`_head_logprobs`).
     The values are those of the plain forward.
 
     tokens, positions, segment_ids, loss_mask: [B, T]. Segment id 0 marks padding (left, right, or
@@ -105,34 +107,53 @@ def sequence_logprobs(
     segment_ids = segment_ids.astype(jnp.int32)
     hidden, _ = llama.forward(params, tokens, positions, segment_ids, config=config, remat=remat,
                               return_hidden=True)
-    # hidden states at t - 1 predict tokens[t]
-    next_lp = _head_logprobs(params, hidden[:, :-1], tokens[:, 1:], config, chunk)
     same_seq = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
     if loss_mask is not None:
         same_seq = same_seq & (loss_mask[:, 1:] != 0)
+    # hidden states at t - 1 predict tokens[t]
+    next_lp = _head_logprobs(params, hidden[:, :-1], tokens[:, 1:], same_seq, config, chunk)
     mask = jnp.concatenate([jnp.zeros((b, 1), bool), same_seq], axis=1)
     lp = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), next_lp], axis=1)
     return jnp.where(mask, lp, 0.0), mask.astype(jnp.float32)
 
 
-def _head_logprobs(params, hidden: jax.Array, targets: jax.Array, config: LlamaConfig,
-                   chunk: int) -> jax.Array:
-    """token_logprobs(lm_head(hidden), targets), [B, N], computed `chunk` positions at a time."""
+def _head_logprobs(params, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                   config: LlamaConfig, chunk: int) -> jax.Array:
+    """token_logprobs(lm_head(hidden), targets) where `mask` is set, [B, N] (anything elsewhere).
+
+    With chunk > 0 the LM head only runs where it is needed: each row's masked positions are
+    gathered to its front (a stable sort, local to the row, so a batch sharded over rows stays
+    so), the gathered positions go through the head `chunk` at a time, and a chunk past every row's
+    last masked position is skipped (`lax.cond`), in the backward pass too. Replies are a small part
+    of a chat's tokens, so most of the head's matmul and log-softmax over the vocabulary is saved.
+    """
 
     def piece(h, tgt):
         return token_logprobs(llama.lm_head(params, h, config), tgt)
 
     b, n = targets.shape
-    if chunk <= 0 or n <= chunk:
-        return jax.checkpoint(piece)(hidden, targets) if chunk > 0 else piece(hidden, targets)
+    if chunk <= 0:
+        return piece(hidden, targets)
+    order = jnp.argsort(~mask, axis=1, stable=True)          # each row's masked positions first
+    needed = jnp.max(jnp.sum(mask, axis=1))                  # positions the widest row needs
+    h = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    tgt = jnp.take_along_axis(targets, order, axis=1)
     pad = -n % chunk
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    tgt = jnp.pad(targets, ((0, 0), (0, pad)))
     k = (n + pad) // chunk
-    h = h.reshape(b, k, chunk, -1).swapaxes(0, 1)
-    tgt = tgt.reshape(b, k, chunk).swapaxes(0, 1)
-    _, out = jax.lax.scan(lambda c, xs: (c, jax.checkpoint(piece)(*xs)), None, (h, tgt))
-    return out.swapaxes(0, 1).reshape(b, k * chunk)[:, :n]
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, k, chunk, -1).swapaxes(0, 1)
+    tgt = jnp.pad(tgt, ((0, 0), (0, pad))).reshape(b, k, chunk).swapaxes(0, 1)
+    starts = jnp.arange(k) * chunk
+    head = jax.checkpoint(piece)
+
+    def step(carry, xs):
+        hc, tc, start = xs
+        out = jax.lax.cond(start < needed, head, lambda hh, tt: jnp.zeros(tt.shape, jnp.float32), hc, tc)
+        return carry, out
+
+    _, out = jax.lax.scan(step, None, (h, tgt, starts))
+    out = out.swapaxes(0, 1).reshape(b, k * chunk)[:, :n]
+    # back to the positions' own order
+    return jnp.zeros((b, n), jnp.float32).at[jnp.arange(b)[:, None], order].set(out)
 
 
 def sequence_sums(token_logprobs: jax.Array, mask: jax.Array) -> jax.Array:

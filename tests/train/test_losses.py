@@ -486,6 +486,46 @@ def test_chunked_head_and_remat_give_the_plain_values_and_gradients():
     np.testing.assert_allclose(np.asarray(lp1[:, 1:])[m], want[m], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["sparse", "one-row-empty", "all", "none"])
+def test_head_at_masked_positions_only_gives_the_plain_values_and_gradients(layout):
+    """The LM head runs only on each row's masked positions (gathered to the row's front, later
+    chunks skipped); values and gradients equal the head over every position."""
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(5))
+    rng = np.random.default_rng(5)
+    b, t = 3, 45
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    seg = np.ones((b, t), np.int32)
+    seg[1, 20:] = 2                       # two packed sequences in row 1
+    seg[2, -9:] = 0                       # right padding in row 2
+    mask = np.zeros((b, t), np.float32)
+    if layout == "sparse":                # short replies scattered over the rows
+        mask[0, 30:36] = 1
+        mask[1, [5, 6, 7, 25, 26, 40]] = 1
+        mask[2, 3:5] = 1
+    elif layout == "one-row-empty":       # only row 0 counts, past the first chunk
+        mask[0, 12:44] = 1
+    elif layout == "all":
+        mask[:] = 1
+    seg, mask = jnp.asarray(seg), jnp.asarray(mask)
+
+    def total(p, chunk):
+        lp, m = losses.sequence_logprobs(p, tokens, None, seg, mask, config=cfg, remat=False, chunk=chunk)
+        return jnp.sum(lp * m), (lp, m)
+
+    (v0, (lp0, m0)), g0 = jax.value_and_grad(total, has_aux=True)(params, 0)
+    (v1, (lp1, m1)), g1 = jax.jit(jax.value_and_grad(total, has_aux=True), static_argnums=1)(params, 8)
+    np.testing.assert_array_equal(m1, m0)
+    np.testing.assert_allclose(lp1, lp0, rtol=1e-5, atol=1e-5)
+    assert float(v1) == pytest.approx(float(v0), rel=1e-5, abs=1e-6)
+    jax.tree_util.tree_map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6), g0, g1)
+    if layout == "none":                  # nothing counted: no gradient at all
+        assert float(v1) == 0.0
+        assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(g1))
+    else:
+        assert float(jnp.abs(g1["lm_head"]).max()) > 0 and float(jnp.abs(g1["embed"]).max()) > 0
+
+
 # ----- GSPO, SimPO, ORPO (issue: post-training variants) -----------------------------------------
 
 def np_gspo(lp, old, ref, adv, mask, clip_eps, clip_eps_high, beta, kl, aggregation, max_tokens):
