@@ -89,6 +89,7 @@ def get_base_config(method: str) -> ConfigDict:
     c.rollout.top_k = 0
     c.rollout.top_p = 1.0
     c.rollout.batch_size = 32       # prompts per sampler call
+    c.rollout.prefix_cache = True   # a turn prefills only what its prompt adds to the last turn's
 
     # A partner "openai:MODEL" is served at $OPENAI_BASE_URL with the key $OPENAI_API_KEY (both read
     # from the environment only, never written to the run directory); models/remote.py.

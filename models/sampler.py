@@ -16,12 +16,17 @@ temperature or truncation), the quantity GRPO's importance ratio needs as "old l
 Stopping: a row ends at an EOS / stop token id (checked on device every step, token kept in the
 output) or at a stop string (checked on the host every `stop_check_every` steps, and exactly at the
 end: the output keeps the tokens up to the one that completes the string).
+
+Turns of a chat: with a `PrefixCache`, a call keeps its KV cache, and a later call whose prompts
+begin with what its rows hold (the earlier prompt and the reply sampled after it, as the next turn
+of a dialogue game does) prefills only the rest of each prompt (see `PrefixCache`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Optional, Sequence
 
 import jax
@@ -90,6 +95,95 @@ class SampleOutput:
 
     def row(self, i: int) -> list:
         return self.tokens[i, : self.lengths[i]].tolist()
+
+
+class PrefixCache:
+    """KV caches of earlier `Sampler.generate` calls, for calls whose prompts continue them.
+
+    In a dialogue game each turn's prompt is the chat so far: the previous turn's prompt, the
+    reply sampled after it and the next message. Passed to `generate(prefix_cache=...)`, this keeps
+    each call's cache with the token ids every row holds (prompt and sampled tokens), and a later
+    call's prompt reuses the slots of its longest common prefix with any kept row (at least
+    `min_tokens` of them; the prompt's last token is always prefilled, for its logits) and prefills
+    only the tokens after it. Prompts are matched by token ids, whatever call or row they come from:
+    in a game of two model players each continues its own chat from two calls back, and a new
+    episode may share a game's instructions with another's row. A kept call is dropped once every
+    row of it has been continued (the newer call holds all of it; dropped before the prefill, so its
+    memory is free again then), and at most `max_entries` are kept, the least recently used dropped
+    first (a policy keeps two per sampler call of its turns: two model players alternate).
+
+    The reused keys and values are the ones the earlier call computed (its prefill, or its decode
+    steps for the sampled tokens), so outputs equal a full prefill's up to float rounding. The cache
+    holds weak references to the params it was made with, and a call with other params empties it;
+    `clear()` frees the kept caches' memory (e.g. when a rollout ends).
+    """
+
+    def __init__(self, max_entries: int = 4, min_tokens: int = 16):
+        if max_entries < 1 or min_tokens < 1:
+            raise ValueError(f"PrefixCache: need max_entries >= 1 and min_tokens >= 1, got "
+                             f"{max_entries}, {min_tokens}")
+        self.max_entries, self.min_tokens = int(max_entries), int(min_tokens)
+        # [cache, token ids [R, L] padded with -1, rows not yet continued [R] bool], oldest first
+        self.entries: list = []
+        self._params: Optional[list] = None
+        self.reused_tokens = 0        # prompt tokens taken from kept caches, over all calls
+        self.prefilled_tokens = 0     # prompt tokens prefilled
+
+    def clear(self) -> None:
+        self.entries = []
+        self._params = None
+
+    def _follow(self, params) -> None:
+        """Empties the cache unless `params` are (by identity) the ones its entries were made with."""
+        leaves = jax.tree_util.tree_leaves(params)
+
+        def ref(x):
+            try:
+                return weakref.ref(x)
+            except TypeError:   # e.g. a Python scalar leaf: held as is
+                return lambda: x
+
+        if self._params is None or len(self._params) != len(leaves) or any(
+                r() is not x for r, x in zip(self._params, leaves)):
+            self.clear()
+            self._params = [ref(x) for x in leaves]
+
+    def match(self, prompts: Sequence[Sequence[int]]) -> tuple:
+        """(kept call per prompt, its row, tokens reused) as arrays; -1, -1, 0 where none."""
+        n = len(prompts)
+        entry, src, keep = np.full(n, -1), np.full(n, -1), np.zeros(n, np.int64)
+        for i, p in enumerate(prompts):
+            p = np.asarray(p)
+            for e, (_, seqs, _) in enumerate(self.entries):
+                m = min(len(p) - 1, seqs.shape[1])
+                if m < max(self.min_tokens, keep[i] + 1):
+                    continue
+                eq = seqs[:, :m] == p[:m]
+                common = np.where(eq.all(axis=1), m, eq.argmin(axis=1))
+                r = int(common.argmax())
+                if common[r] >= self.min_tokens and common[r] > keep[i]:
+                    entry[i], src[i], keep[i] = e, r, common[r]
+        return entry, src, keep
+
+    def release(self, continued: Sequence[tuple]) -> None:
+        """Marks rows as continued ((entry, row) pairs, as `match` gave them) and drops the kept calls
+        with no row left to continue; the calls used move to the back (the last dropped). Entry
+        numbers change: match again before using any."""
+        used = set()
+        for e, r in continued:
+            self.entries[e][2][r] = False
+            used.add(e)
+        order = [e for e in range(len(self.entries)) if e not in used] + sorted(used)
+        self.entries = [self.entries[e] for e in order if self.entries[e][2].any()]
+
+    def add(self, cache, seqs: Sequence[Sequence[int]]) -> None:
+        """Keeps `cache`, whose rows hold `seqs`, dropping the least recently used beyond max_entries."""
+        width = max([len(s) for s in seqs] + [1])
+        ids = np.full((len(seqs), width), -1, np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s
+        self.entries.append([cache, ids, np.array([len(s) > 0 for s in seqs])])
+        del self.entries[:-self.max_entries]
 
 
 def _filter_logits(logits, temperature, top_k: int, top_p: bool, top_p_value):
@@ -302,14 +396,26 @@ class Sampler:
     def _chunk_prefill_fn(self):
         """Prefills rows [row, row + b) of a cache for the whole batch from a chunk of prompts padded to
         their own length P_c: their keys go to slots [slot, slot + P_c), slot = P - P_c, so that they
-        end where the longest chunk's do; the slots before stay empty. (cache, logits) are donated."""
+        end where the longest chunk's do; the slots before keep what they hold (nothing, or a reused
+        prefix). (cache, logits) are donated."""
         config, shardings = self.config, self._cache_shardings()
 
         def prefill(params, cache, logits, tokens, positions, segments, row, slot):
             b = tokens.shape[0]
-            cache_len = cache["positions"].shape[1]
-            sub = llama.init_cache(config, b, cache_len, per_layer=self.unstack)
-            sub = dict(sub, index=slot)
+            batch_axis = 0 if self.unstack else 1
+
+            def rows(full, axis):
+                start = [jnp.int32(0)] * full.ndim
+                start[axis] = row
+                size = list(full.shape)
+                size[axis] = b
+                return jax.lax.dynamic_slice(full, start, size)
+
+            # the rows as they are (empty, or holding a kept prefix: see PrefixCache)
+            sub = {"k": jax.tree_util.tree_map(lambda f: rows(f, batch_axis), cache["k"]),
+                   "v": jax.tree_util.tree_map(lambda f: rows(f, batch_axis), cache["v"]),
+                   "positions": rows(cache["positions"], 0),
+                   "segment_ids": rows(cache["segment_ids"], 0), "index": slot}
             x, sub = llama.forward(params, tokens, positions, segments, sub, config=config,
                                    return_hidden=True)
 
@@ -318,7 +424,6 @@ class Sampler:
                 start[axis] = row
                 return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), start)
 
-            batch_axis = 0 if self.unstack else 1
             out = {"k": jax.tree_util.tree_map(lambda f, q: put(f, q, batch_axis), cache["k"], sub["k"]),
                    "v": jax.tree_util.tree_map(lambda f, q: put(f, q, batch_axis), cache["v"], sub["v"]),
                    "positions": put(cache["positions"], sub["positions"], 0),
@@ -330,6 +435,58 @@ class Sampler:
             return logits, out
 
         return prefill
+
+    def _gather_fn(self, kept: int):
+        """Writes into `into` (a cache of `kept` + more slots; donated) the rows that reuse a kept
+        `cache`: row i with src[i] >= 0 gets, in its first `kept` slots, the slots of that cache's
+        row src[i] at positions below keep[i], right-aligned in their order, and its other slots
+        emptied; rows with src[i] = -1 stay as they are."""
+        shardings, unstack = self._cache_shardings(), self.unstack
+
+        def gather(into, cache, src, keep):
+            cache_len = into["positions"].shape[1]
+            old = cache["positions"].shape[1]
+            take = jnp.maximum(src, 0)
+            pos, seg = cache["positions"][take], cache["segment_ids"][take]
+            valid = (seg != 0) & (pos < keep[:, None]) & (src >= 0)[:, None]
+            width = min(kept, old)   # keep[i] <= the row's valid slots <= old
+            idx = jnp.argsort(valid.astype(jnp.int32), axis=1, stable=True)[:, old - width:]
+            ok = jnp.take_along_axis(valid, idx, axis=1)
+            lead, tail = kept - width, cache_len - kept
+
+            def slots(x, batch_axis, slot_axis):
+                x = jnp.take(x, take, axis=batch_axis)
+                shape = [1] * x.ndim
+                shape[batch_axis], shape[slot_axis] = idx.shape
+                i = jnp.broadcast_to(idx.reshape(shape),
+                                     x.shape[:slot_axis] + (width,) + x.shape[slot_axis + 1:])
+                x = jnp.take_along_axis(x, i, axis=slot_axis)
+                widths = [(0, 0)] * x.ndim
+                widths[slot_axis] = (lead, tail)
+                return jnp.pad(x, widths)
+
+            b = 0 if unstack else 1
+            mine = src >= 0
+
+            def pick(new, base, batch_axis):   # the rows that reuse this cache: new; others: base
+                shape = [1] * base.ndim
+                shape[batch_axis] = mine.shape[0]
+                return jnp.where(mine.reshape(shape), new.astype(base.dtype), base)
+
+            out = {"k": jax.tree_util.tree_map(lambda x, o: pick(slots(x, b, x.ndim - 1), o, b),
+                                               cache["k"], into["k"]),
+                   "v": jax.tree_util.tree_map(lambda x, o: pick(slots(x, b, x.ndim - 2), o, b),
+                                               cache["v"], into["v"]),
+                   "positions": pick(jnp.pad(jnp.where(ok, jnp.take_along_axis(pos, idx, axis=1), 0),
+                                             ((0, 0), (lead, tail))), into["positions"], 0),
+                   "segment_ids": pick(jnp.pad(jnp.where(ok, jnp.take_along_axis(seg, idx, axis=1), 0),
+                                               ((0, 0), (lead, tail))), into["segment_ids"], 0),
+                   "index": into["index"]}
+            if shardings is not None:
+                out = jax.lax.with_sharding_constraint(out, shardings)
+            return out
+
+        return gather
 
     def _empty_fn(self, batch: int, cache_len: int):
         config, shardings = self.config, self._cache_shardings()
@@ -424,8 +581,10 @@ class Sampler:
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  rng: Optional[jax.Array] = None, seeds: Optional[Sequence[int]] = None,
                  stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-                 tokenizer=None) -> SampleOutput:
-        """Samples up to `max_new_tokens` for each prompt (lists of token ids)."""
+                 tokenizer=None, prefix_cache: Optional[PrefixCache] = None) -> SampleOutput:
+        """Samples up to `max_new_tokens` for each prompt (lists of token ids). prefix_cache: reuse
+        the KV cache of earlier calls that the prompts continue, and keep this call's (see
+        `PrefixCache`)."""
         n = len(prompts)
         if n == 0:
             raise ValueError("sampler: no prompts")
@@ -444,7 +603,15 @@ class Sampler:
 
         mult = self._batch_multiple()
         batch = _round_up(n, [b for b in self.batch_buckets if b % mult == 0], mult)
-        longest = max(len(p) for p in prompts)
+        # Tokens reused from kept caches (see PrefixCache): row i prefills prompts[i][keep[i]:]
+        entry, src, keep = np.full(n, -1), np.full(n, -1), np.zeros(n, np.int64)
+        if prefix_cache is not None:
+            prefix_cache._follow(params)
+            entry, src, keep = prefix_cache.match(prompts)
+        reuse = bool(keep.any())
+        kept = _round_up(int(keep.max()), self.length_buckets, self.length_buckets[-1]) if reuse else 0
+        # the slots [kept, kept + plen) take the left-padded rest of each prompt
+        longest = max(len(p) - k for p, k in zip(prompts, keep))
         plen = _round_up(longest, self.length_buckets, self.length_buckets[-1])
         new_len = _round_up(max_new_tokens, self.length_buckets, self.length_buckets[-1])
         # room: how many new tokens the cache holds now (it grows by cache_block, see the class doc)
@@ -454,33 +621,51 @@ class Sampler:
 
         # Rows run longest first when the prefill is split into chunks of similar lengths (see
         # `prefill_chunks`); the outputs are put back in the prompts' order at the end.
-        lengths = np.array([len(p) for p in prompts] + [0] * (batch - n))
+        lengths = np.array([len(p) - k for p, k in zip(prompts, keep)] + [0] * (batch - n))
         chunks = self.prefill_chunks(sorted(lengths, reverse=True))
         chunked = chunks != [(0, batch, plen)]
         order = np.argsort(-lengths[:n], kind="stable") if chunked else np.arange(n)
-        rows = [list(prompts[i]) for i in order] + [[]] * (batch - n)  # bucket rows are all padding
+        rows = [list(prompts[i][keep[i]:]) for i in order] + [[]] * (batch - n)  # bucket rows: padding
         tokens, positions, segments = pad_batch(rows, self.pad_id, plen, left=True)
-        prompt_lengths = segments.sum(axis=1).astype(np.int32)
+        row_keep = np.zeros((batch,), np.int32)
+        row_keep[:n] = keep[order]
+        positions = positions + row_keep[:, None] * segments   # the rest continues the kept prefix
+        prompt_lengths = np.zeros((batch,), np.int32)
+        prompt_lengths[:n] = [len(prompts[i]) for i in order]
+        if prefix_cache is not None:
+            prefix_cache.reused_tokens += int(keep.sum())
+            prefix_cache.prefilled_tokens += int(lengths.sum())
 
         if self._prepares:
             params = self._prepared(params)
         sig = (jax.tree_util.tree_structure(params),   # e.g. with or without LoRA adapters
                tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
                      for x in jax.tree_util.tree_leaves(params)))
-        if not chunked:
+        if not chunked and not reuse:
             tokens, positions, segments = map(self._put, (tokens, positions, segments))
             prefill = self._compile(("prefill", batch, plen, plen + room, sig),
                                     self._prefill_fn(plen + room), params, tokens, positions, segments)
             logits, cache = prefill(params, tokens, positions, segments)
         else:
-            empty = self._compile(("empty", batch, plen + room), self._empty_fn(batch, plen + room))
+            total = kept + plen + room
+            empty = self._compile(("empty", batch, total), self._empty_fn(batch, total))
             logits, cache = empty()
+            for e in sorted(set(entry[entry >= 0].tolist())):   # each kept call's rows in turn
+                row_src = np.full((batch,), -1, np.int32)
+                row_src[:n] = np.where(entry[order] == e, src[order], -1)
+                args = (cache, prefix_cache.entries[e][0], self._put(row_src), self._put(row_keep))
+                gather = self._compile(("gather", args[1]["positions"].shape, batch, kept, total),
+                                       self._gather_fn(kept), *args, donate=(0,))
+                cache = gather(*args)
+                del args
+            if reuse:   # the kept calls now continued in full are freed before the prefill
+                prefix_cache.release([(e, r) for e, r in zip(entry, src) if e >= 0])
             fn = self._chunk_prefill_fn()
             for row, size, clen in chunks:
                 part = [self._put(np.ascontiguousarray(a[row:row + size, plen - clen:]))
                         for a in (tokens, positions, segments)]
-                at = (jnp.int32(row), jnp.int32(plen - clen))
-                prefill = self._compile(("prefill_chunk", batch, size, clen, plen + room, sig), fn,
+                at = (jnp.int32(row), jnp.int32(kept + plen - clen))
+                prefill = self._compile(("prefill_chunk", batch, size, clen, kept + plen + room, sig), fn,
                                         params, cache, logits, *part, *at, donate=(1, 2))
                 logits, cache = prefill(params, cache, logits, *part, *at)
 
@@ -506,14 +691,15 @@ class Sampler:
         string_stopped = np.zeros((batch,), bool)
         chunk = self.stop_check_every if stop_strings else max_new_tokens
         until = 0
+        base = kept + plen   # the slot the decode writes first
         while until < max_new_tokens:
             if until == room:   # steps until-1 and before filled the cache: make room for more
                 room = min(room + self.cache_block, new_len)
-                grow = self._compile(("grow", batch, plen + until, plen + room),
-                                     self._grow_fn(plen + room), state["cache"])
+                grow = self._compile(("grow", batch, base + until, base + room),
+                                     self._grow_fn(base + room), state["cache"])
                 state["cache"] = grow(state["cache"])
             until = min(until + chunk, max_new_tokens, room)
-            decode = self._compile(("decode", batch, new_len, plen + room, sig,
+            decode = self._compile(("decode", batch, new_len, base + room, sig,
                                     tuple(sorted(mode.items()))),
                                    self._decode_fn(**mode), params, state, stop_arr, row_keys,
                                    jnp.float32(temperature), jnp.float32(top_p), jnp.int32(0),
@@ -552,6 +738,9 @@ class Sampler:
                 if reasons[i] == "stop_string":
                     text = text[: _first_stop(text, stop_strings)]
                 texts.append(text)
+        if prefix_cache is not None:   # what each cache row holds: its prompt and the kept tokens
+            prefix_cache.add(state["cache"], [list(prompts[i]) + toks[i, :lengths[i]].tolist()
+                                              for i in order] + [[]] * (batch - n))
         return SampleOutput(tokens=toks[:, :max_new_tokens], logprobs=logps[:, :max_new_tokens],
                             lengths=lengths, finish_reasons=reasons, texts=texts)
 

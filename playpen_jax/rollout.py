@@ -6,6 +6,11 @@ sampled token ids and log-probs of the last call (`last`) for the trainer. A pro
 fit the model's context gets an empty reply, which the game scores by its own rules. `params`
 (default: the model's) may be replaced between calls, e.g. by the weights being trained.
 
+Each turn of a game prompts with the whole chat so far, so a policy keeps the KV cache of its last
+calls (`models.sampler.PrefixCache`) and prefills only what a prompt adds to a kept row: the reply
+as the chat template wraps it and the next message. `play` empties it when the episodes end (and a
+call with other params does). `prefix_cache=False` prefills every prompt whole.
+
 `play(env, learner, partner)` runs a `games.env.BatchedGameEnv` to the end: at every step all
 pending learner requests of all live episodes go to the learner policy in one call (and the
 partner's, when the partner is a model, to the partner). It returns each finished episode with the
@@ -27,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from models import generate as gen
+from models.sampler import PrefixCache
 
 
 @dataclasses.dataclass
@@ -41,7 +47,7 @@ class PolicyOutput:
 class ModelPolicy:
     def __init__(self, model, *, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 32, sampler=None,
-                 strip: bool = True, params=None):
+                 strip: bool = True, params=None, prefix_cache: bool = True):
         self.model = model
         self.params = model.params if params is None else params
         self.sampler = sampler or gen.make_sampler(model)
@@ -53,6 +59,12 @@ class ModelPolicy:
         self._calls = 0
         self.last: Optional[PolicyOutput] = None
         self.limit = int(model.config.max_position_embeddings)
+        self.prefix_cache = PrefixCache() if prefix_cache else None
+
+    def forget(self) -> None:
+        """Frees the KV caches kept for the next turn's prompts."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def player(self):
         """A single-episode player for `games.core.run_episode`: messages -> reply text."""
@@ -74,6 +86,8 @@ class ModelPolicy:
         logprobs: list = [[] for _ in chats]
         truncated = [False] * len(chats)
         fits = [i for i, p in enumerate(prompts) if len(p) + self.max_new_tokens <= self.limit]
+        if self.prefix_cache is not None:   # this call's caches and the previous call's (two players)
+            self.prefix_cache.max_entries = max(2, 2 * -(-len(fits) // self.batch_size))
         for start in range(0, len(fits), self.batch_size):
             idx = fits[start:start + self.batch_size]
             if seeds is None:
@@ -84,7 +98,8 @@ class ModelPolicy:
             out = self.sampler.generate(
                 self.params, [prompts[i] for i in idx], max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, rng=key,
-                seeds=row_seeds, stop_ids=gen.stop_ids(self.model), tokenizer=self.model.tokenizer)
+                seeds=row_seeds, stop_ids=gen.stop_ids(self.model), tokenizer=self.model.tokenizer,
+                prefix_cache=self.prefix_cache)
             for j, i in enumerate(idx):
                 n = int(out.lengths[j])
                 tokens[i] = [int(t) for t in out.tokens[j][:n]]
@@ -142,6 +157,15 @@ def play(env, learner: Callable, partner: Optional[Callable] = None,
     on_step(number of requests answered) is called after every env step.
     episode_offset: added to env's episode ids in the sampling seeds (see the module docstring).
     """
+    try:
+        return _play(env, learner, partner, on_step, episode_offset)
+    finally:   # the kept KV caches of these episodes' turns: no longer needed
+        for policy in (learner, partner):
+            if isinstance(policy, ModelPolicy):
+                policy.forget()
+
+
+def _play(env, learner, partner, on_step, episode_offset) -> list:
     traces: dict = {}
     turns: dict = {"learner": {}, "partner": {}}   # replies sampled so far, per episode
     finished = list(env.step({}))

@@ -35,6 +35,10 @@ Alive while sampling ("rollout_peak"):
   bucketed prompt length + bucketed new tokens, in the compute dtype, split over the sampling mesh.
 - prefill: the prefill's attention scores (float32) and probabilities over prompt x cache length,
   its MLP intermediates, and one gathered layer (or the LM head) in the compute dtype.
+- kept_cache: one earlier call's cache kept by the prefix cache (`rollout.prefix_cache`, on by
+  default), counted as large as kv_cache. With two model players taking turns, the calls of both
+  previous turns are kept; the one this call continues is freed once its rows are copied, before
+  the prefill, the other stays. So rollout_peak = kv_cache + kept_cache + max(kept_cache, prefill).
 
 total = persistent + max(train_peak, rollout_peak). Not counted: XLA's other temporaries, the
 batch arrays (a few MB), compiled programs and fragmentation; leave about 10 % of HBM free.
@@ -77,7 +81,7 @@ LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
 PERSISTENT = ("params", "adapters", "optimizer", "reference", "rollout_params")
 TRAIN = ("gradients", "activations", "lm_head", "gathered_weights", "dequantized")
-ROLLOUT = ("kv_cache", "prefill")
+ROLLOUT = ("kv_cache", "prefill", "kept_cache")
 
 
 class MemoryEstimateError(ValueError):
@@ -244,7 +248,7 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
              data: Optional[int] = None, lm_head_chunk: int = 256, rollout_batch: int = 0,
              prompt_len: int = 0, new_tokens: int = 0, chips_per_host: Optional[int] = None,
              rows_per_chip: Optional[int] = None, lora_rank: int = 0, lora_targets: str = "all",
-             quantize: str = "none", block: int = 32) -> dict:
+             quantize: str = "none", block: int = 32, prefix_cache: bool = True) -> dict:
     """Bytes per chip of each buffer a run keeps (see the module docstring), and their total.
 
     model: a preset name ("llama-3.1-8b"), an HF checkpoint directory, or a LlamaConfig.
@@ -258,7 +262,8 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
     `block`: QLoRA, its projections quantized; split over the chips like the float weights in the
     train state, whole on every chip of a host's sampling copy), the optimizer, gradients and
     "adapters" count the adapters only, the base doubles as the reference (no extra copy), and
-    "dequantized" is one layer's projections dequantized to the compute dtype.
+    "dequantized" is one layer's projections dequantized to the compute dtype. prefix_cache:
+    `rollout.prefix_cache` (a kept cache of the previous turn while sampling).
 
     Returns a dict of ints: params, optimizer, reference, rollout_params (persistent); gradients,
     activations, lm_head, gathered_weights (train step); kv_cache, prefill (sampling); and
@@ -354,7 +359,7 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
         activations += L * rows * T * lora_rank * len(spec.targets) * cb
 
     # --- sampling
-    kv_cache = prefill = 0
+    kv_cache = prefill = kept_cache = 0
     if rollout_batch:
         mult = rollout_sizes["data"] * rollout_sizes["fsdp"]
         b = _round_up(rollout_batch, [x for x in BATCH_BUCKETS if x % mult == 0], mult)
@@ -365,14 +370,16 @@ def estimate(model: Union[str, LlamaConfig], *, chips: int, fsdp: int, tensor: i
         kv_cache = 2 * L * srows * _split(K, st) * S * Dh * cb + 2 * srows * S * 4
         prefill = (srows * _split(H, st) * plen * S * (4 + cb) + 3 * srows * plen * _split(F, st) * cb
                    + gathered)
+        kept_cache = kv_cache if prefix_cache else 0
 
     out = {"params": params, "adapters": adapters, "optimizer": optimizer_bytes,
            "reference": reference_bytes, "rollout_params": rollout_params, "gradients": gradients,
            "activations": activations, "lm_head": lm_head, "gathered_weights": gathered_weights,
-           "dequantized": dequantized, "kv_cache": kv_cache, "prefill": prefill}
+           "dequantized": dequantized, "kv_cache": kv_cache, "prefill": prefill,
+           "kept_cache": kept_cache}
     out["persistent"] = sum(out[k] for k in PERSISTENT)
     out["train_peak"] = sum(out[k] for k in TRAIN)
-    out["rollout_peak"] = sum(out[k] for k in ROLLOUT)
+    out["rollout_peak"] = kv_cache + kept_cache + max(kept_cache, prefill)   # see the module docstring
     out["total"] = out["persistent"] + max(out["train_peak"], out["rollout_peak"])
     return {k: int(v) for k, v in out.items()}
 
@@ -385,6 +392,7 @@ _LABELS = {
     "rollout_params": "per-host sampling copy", "gradients": "gradients (f32 acc + 1 micro)",
     "activations": "activations (remat)", "lm_head": "LM head chunk", "gathered_weights":
     "gathered weights", "kv_cache": "KV cache", "prefill": "prefill working set",
+    "kept_cache": "previous turn's cache (prefix cache)",
     "persistent": "persistent", "train_peak": "train step peak", "rollout_peak": "sampling peak",
     "total": "total",
 }
@@ -445,6 +453,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--rollout-batch", type=int, default=64, help="rollout.batch_size (0: no sampler)")
     p.add_argument("--prompt-len", type=int, default=896, help="longest prompt in tokens (default: 896)")
     p.add_argument("--new-tokens", type=int, default=128, help="rollout.max_new_tokens (default: 128)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="rollout.prefix_cache=false: no kept cache of the previous turn")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora-targets", default="all", help="LoRA targets (default: all)")
     p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"), help="QLoRA base")
@@ -465,7 +475,7 @@ def main(argv: Optional[list] = None) -> int:
                        remat=not a.no_remat, lm_head_chunk=a.lm_head_chunk, rollout_batch=a.rollout_batch,
                        prompt_len=a.prompt_len, new_tokens=a.new_tokens, chips_per_host=per_host,
                        rows_per_chip=a.rows_per_chip, lora_rank=a.lora_rank, lora_targets=a.lora_targets,
-                       quantize=a.quantize, block=a.block)
+                       quantize=a.quantize, block=a.block, prefix_cache=not a.no_prefix_cache)
         sizes = resolve_mesh(chips, data=a.data, fsdp=a.fsdp, tensor=a.tensor)
     except MemoryEstimateError as e:
         print(f"error: {e}", file=sys.stderr)

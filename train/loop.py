@@ -209,8 +209,9 @@ class Run:
 
     # ----- processes --------------------------------------------------------------------------
     def make_policy(self, **kwargs) -> RolloutPolicy:
-        return RolloutPolicy(self.model, convert=self.rollout_params, batch_size=self.c.rollout.batch_size,
-                             sampler=self.sampler, **kwargs)
+        r = self.c.rollout
+        return RolloutPolicy(self.model, convert=self.rollout_params, batch_size=r.batch_size,
+                             sampler=self.sampler, prefix_cache=bool(r.get("prefix_cache", True)), **kwargs)
 
     def rollout_params(self, params):
         """`params` as this process samples from them: the arrays themselves with one process; with

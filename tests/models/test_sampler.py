@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models import llama
-from models.sampler import Sampler, _filter_logits
+from models.sampler import PrefixCache, Sampler, _filter_logits
 from models.tokenizer import HFTokenizer
 from playpen_jax import sharding
 from tests.conftest import tiny_config
@@ -234,6 +234,112 @@ def test_split_prefill_samples_what_one_prefill_does(params, byte_tokenizer, uns
         one = whole.generate(params, [p], max_new_tokens=6, temperature=0)
         assert g.row(i) == one.row(0)
         assert np.abs(g.logprobs[i] - one.logprobs[0]).max() <= 1e-4
+
+
+def _next_turns(prompts, out, rng, drop: int, fresh: int):
+    """Each prompt followed by its reply and a few more tokens, as a chat's next turn is; the first
+    `drop` episodes ended and `fresh` new prompts joined."""
+    turns = [list(p) + out.row(i) + list(rng.integers(3, 250, size=3 + i % 4)) for i, p in enumerate(prompts)]
+    return turns[drop:] + [list(rng.integers(3, 250, size=n)) for n in (25, 6)[:fresh]]
+
+
+@pytest.mark.parametrize("unstack", [False, True])
+def test_prefix_cache_samples_what_a_full_prefill_does(params, byte_tokenizer, unstack):
+    """Three turns of five chats (one ends and a new one joins after each turn, a reply cut at a
+    stop string, rows reordered for the split prefill): the calls that reuse the kept caches
+    sample the tokens and log-probs of calls that prefill every prompt whole, and prefill less."""
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, 250, size=n)) for n in (30, 100, 7, 90, 20)]
+    kw = dict(max_new_tokens=10, temperature=0.9, rng=jax.random.PRNGKey(2), seeds=[11, 3, 5, 7, 9],
+              tokenizer=byte_tokenizer)
+    cache = PrefixCache(min_tokens=4)
+    reusing = Sampler(CFG, unstack_layers=unstack, cache_block=4, stop_check_every=3)
+    whole = Sampler(CFG, unstack_layers=unstack, cache_block=4, stop_check_every=3)
+    free = whole.generate(params, prompts, **kw)
+    kw["stop_strings"] = [byte_tokenizer.decode(free.row(1)[4:5])]   # a character row 1 samples
+    reused, expected, reasons, a = [], [0], set(), None
+    for turn in range(3):
+        if turn:   # each continuing chat reuses its prompt and its reply (to the stop string)
+            expected.append(sum(len(p) + int(n) for p, n in zip(prompts[1:], a.lengths[1:])))
+            prompts = _next_turns(prompts, a, rng, drop=1, fresh=1)
+        before = cache.reused_tokens
+        a = reusing.generate(params, prompts, prefix_cache=cache, **kw)
+        b = whole.generate(params, prompts, **kw)
+        reused.append(cache.reused_tokens - before)
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.lengths, b.lengths), turn
+        assert a.finish_reasons == b.finish_reasons and a.texts == b.texts
+        assert np.abs(a.logprobs - b.logprobs).max() <= 1e-5
+        assert len(cache.entries) == turn + 1   # each kept call holds the row of a chat that ended
+        reasons.update(a.finish_reasons)
+    assert "stop_string" in reasons   # the cache holds tokens past the cut: not reused
+    assert reused == expected and min(expected[1:]) > 100
+    assert sum(k[0] == "gather" for k in reusing._compiled) >= 1
+    # a prompt that is exactly a kept row still prefills its last token (for its logits)
+    last = [list(p) + a.row(i) for i, p in enumerate(prompts)]
+    entry, src, keep = cache.match(last)
+    assert list(entry) == [len(cache.entries) - 1] * len(last) and len(set(src)) == len(last)
+    assert list(keep) == [len(p) - 1 for p in last]
+
+
+def test_prefix_cache_matches_the_longest_common_prefix():
+    cache = PrefixCache(max_entries=3, min_tokens=3)
+    cache.add("a", [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9], []])
+    entry, src, keep = cache.match([[1, 2, 3, 4, 7], [1, 2, 3, 9, 9, 9], [1, 2, 7, 7], [1, 2, 3, 4]])
+    assert list(entry) == [0, 0, -1, 0] and list(src) == [0, 1, -1, 0] and list(keep) == [4, 4, 0, 3]
+    # a later call: each prompt takes the longest match over all kept calls
+    cache.release([(0, 0)])
+    cache.add("b", [[1, 2, 3, 4, 7, 8], [5, 5, 5, 5]])
+    entry, src, keep = cache.match([[1, 2, 3, 4, 7, 8, 1], [1, 2, 3, 9, 9], [5, 5, 5, 5, 5]])
+    assert list(entry) == [1, 0, 1] and list(src) == [0, 1, 1] and list(keep) == [6, 4, 4]
+    # once every row of a kept call has been continued, the call is dropped
+    cache.release([(0, 1)])
+    cache.add("c", [[1, 2, 3, 9, 9, 1]])
+    assert [e[0] for e in cache.entries] == ["b", "c"]
+    cache.release([(0, 1)])   # "b" used: the least recently used is now "c"
+    assert [e[0] for e in cache.entries] == ["c", "b"]
+    cache.add("d", [[6]])
+    cache.add("e", [[7]])
+    assert [e[0] for e in cache.entries] == ["b", "d", "e"]   # at most max_entries: "c" dropped
+    assert list(cache.match([[8, 8, 8, 8]])[0]) == [-1]
+    with pytest.raises(ValueError, match="max_entries"):
+        PrefixCache(max_entries=0)
+
+
+def test_prefix_cache_is_emptied_by_other_params(params):
+    cache = PrefixCache(min_tokens=2)
+    sampler = Sampler(CFG)
+    prompts = [list(range(3, 40)), list(range(50, 60))]
+    out = sampler.generate(params, prompts, max_new_tokens=4, temperature=0, prefix_cache=cache)
+    follow = [p + out.row(i) + [7, 8] for i, p in enumerate(prompts)]
+    changed = jax.tree_util.tree_map(lambda x: x * 1.5, params)
+    a = sampler.generate(changed, follow, max_new_tokens=4, temperature=0, prefix_cache=cache)
+    assert cache.reused_tokens == 0   # the kept cache came from other weights
+    b = Sampler(CFG).generate(changed, follow, max_new_tokens=4, temperature=0)
+    assert np.array_equal(a.tokens, b.tokens)
+    sampler.generate(changed, [p + [9] for p in follow], max_new_tokens=4, temperature=0,
+                     prefix_cache=cache)
+    assert cache.reused_tokens == sum(len(p) for p in follow)   # the same weights again: reused
+    cache.clear()
+    assert not cache.entries
+
+
+def test_prefix_cache_under_a_mesh(params):
+    """Rows split over the data axes and heads over the tensor axis: reused caches are gathered
+    across devices and sample what the unsharded sampler does."""
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+    shardings = sharding.tree_shardings(llama.param_axes(CFG), llama.param_shapes(CFG), mesh)
+    sharded = jax.device_put(params, shardings)
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(3, 250, size=n)) for n in (40, 12, 33)]
+    kw = dict(max_new_tokens=6, temperature=0.9, rng=jax.random.PRNGKey(1))
+    cache, sampler, plain = PrefixCache(min_tokens=4), Sampler(CFG, mesh=mesh, cache_block=3), Sampler(CFG)
+    for turn in range(2):
+        a = sampler.generate(sharded, prompts, prefix_cache=cache, **kw)
+        b = plain.generate(params, prompts, **kw)
+        assert np.array_equal(a.tokens, b.tokens), turn
+        assert np.abs(a.logprobs - b.logprobs).max() <= 1e-4
+        prompts = [prompts[2] + a.row(2) + [4, 5]] + [p + a.row(i) + [6] for i, p in enumerate(prompts[:2])]
+    assert cache.reused_tokens > 80
 
 
 def test_deterministic_and_per_row_seeds(params):

@@ -58,3 +58,31 @@ def test_turn_seeds_are_distinct_and_checked():
         turn_seed(-1, 0)
     with pytest.raises(ValueError, match="seeds for"):
         ModelPolicy.__call__(object.__new__(ModelPolicy), [[{"role": "user", "content": "x"}]], seeds=[1, 2])
+
+
+def test_a_turn_prefills_only_what_the_chat_added(tiny_model):
+    """The second turn of each chat reuses the first turn's prompt and reply from the kept KV cache
+    (the chat template renders the earlier turns the same), and replies as a policy without the
+    cache does; play() frees the kept caches when its episodes end."""
+    chats = [[{"role": "system", "content": "You guess colours."},
+              {"role": "user", "content": f"Name colour number {i}, please."}] for i in range(3)]
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=5)
+    cached, plain = ModelPolicy(tiny_model, **kw), ModelPolicy(tiny_model, prefix_cache=False, **kw)
+    assert plain.prefix_cache is None
+    first = cached(chats, seeds=[1, 2, 3])
+    assert first == plain(chats, seeds=[1, 2, 3])
+    prompts = list(cached.last.prompt_ids)
+    chats = [c + [{"role": "assistant", "content": r}, {"role": "user", "content": "And the next?"}]
+             for c, r in zip(chats, first)]
+    second = cached(chats, seeds=[4, 5, 6])
+    assert second == plain(chats, seeds=[4, 5, 6])
+    assert cached.last.tokens == plain.last.tokens
+    for a, b in zip(cached.last.logprobs, plain.last.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # every chat's whole first prompt came from the cache (and more: part of the reply's rendering)
+    assert cached.prefix_cache.reused_tokens >= sum(len(p) for p in prompts)
+    assert cached.prefix_cache.entries
+    env = BatchedGameEnv(iter([(ep, k) for k, ep in enumerate(_episodes(2))]), batch_size=2,
+                         learner_roles="all", partner="strong", seed=11)
+    play(env, cached)
+    assert not cached.prefix_cache.entries

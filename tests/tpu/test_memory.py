@@ -75,14 +75,20 @@ def test_sampler_cache_and_prefill():
     # 64 (prompt bucket) + 64 (new-token bucket) = 128.
     assert est["kv_cache"] == 2 * 2 * 1 * 2 * 128 * 8 * 2 + 2 * 1 * 128 * 4 == 17408
     assert est["prefill"] == 1 * 4 * 64 * 128 * (4 + 2) + 3 * 1 * 64 * 64 * 2 + LAYER * 2
-    assert tiny()["kv_cache"] == tiny()["prefill"] == 0
+    assert tiny()["kv_cache"] == tiny()["prefill"] == tiny()["kept_cache"] == 0
+    # the previous turn's cache, kept for the prefix cache, counts as large as this call's
+    assert est["kept_cache"] == est["kv_cache"]
+    assert tiny(rollout_batch=5, prompt_len=30, new_tokens=10, prefix_cache=False)["kept_cache"] == 0
 
 
 def test_totals():
     est = tiny(rollout_batch=64, prompt_len=30, new_tokens=10)
     assert est["persistent"] == sum(est[k] for k in memory.PERSISTENT)
     assert est["train_peak"] == sum(est[k] for k in memory.TRAIN)
-    assert est["rollout_peak"] == est["kv_cache"] + est["prefill"]
+    # two kept calls while the rows are copied, then one of them and the prefill
+    assert est["rollout_peak"] == est["kv_cache"] + est["kept_cache"] + max(est["kept_cache"], est["prefill"])
+    off = tiny(rollout_batch=64, prompt_len=30, new_tokens=10, prefix_cache=False)
+    assert off["rollout_peak"] == off["kv_cache"] + off["prefill"]
     assert est["total"] == est["persistent"] + max(est["train_peak"], est["rollout_peak"])
 
 
