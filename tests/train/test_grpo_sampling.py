@@ -180,3 +180,26 @@ def test_reference_forward_only_when_the_kl_term_counts(tiny, monkeypatch, beta,
     jax.make_jaxpr(lambda p: jax.grad(lambda q: loss_fn(q, mb, extra)[0])(p))(tiny.params)
     assert len(calls) == forwards
     assert grpo.uses_reference(c) == (forwards == 2)
+
+
+# ----- per-step sampling keys ------------------------------------------------------------------------
+
+def test_each_step_samples_fresh_draws_and_a_resumed_step_the_same(tiny):
+    """collect numbers a step's episodes from 0 every step, so the per-reply seeds repeat from step
+    to step; the loop's per-step key (`_reseed`) is what makes the draws new, and a function of
+    (seed, step) only, so that a resumed step samples what the uninterrupted one did."""
+    from train.loop import _reseed
+
+    policy = ModelPolicy(tiny, max_new_tokens=6, temperature=1.0, prefix_cache=False)
+    chats = [[{"role": "user", "content": f"name a colour {i}"}] for i in range(4)]
+    seeds = [11, 12, 13, 14]
+
+    def sample(step):
+        _reseed(policy, 0, step)
+        policy(chats, seeds=seeds)
+        return policy.last.tokens
+
+    first, second, again = sample(3), sample(4), sample(3)
+    assert first == again
+    assert first != second
+    assert sum(a != b for a, b in zip(first, second)) >= 3   # new draws for (nearly) every row
