@@ -24,6 +24,10 @@ def get_config() -> ConfigDict:
     c.grpo.aggregation = "token-mean"  # "token-mean" (DAPO) | "sequence-mean" (GRPO) | "sequence-sum-norm"
     c.grpo.advantage_scale = "std"  # "std" | "none" (Dr. GRPO)
     c.grpo.ratio_level = "token"    # "token" | "sequence" (GSPO: one clipped ratio per sequence)
+    # an episode's turns whose prompts continue the chat train as one sequence (same token-mean
+    # loss, fewer tokens); with a per-sequence aggregation or GSPO a sequence is then an episode's
+    # replies, not one turn's. False: one sequence per turn.
+    c.grpo.merge_turns = True
     c.grpo.updates_per_batch = 1    # optimizer steps per rollout batch (old log-probs from the sampler)
     c.grpo.drop_zero_variance = True  # leave out groups whose rewards are all equal (no signal)
     c.grpo.dynamic_sampling = False   # DAPO: play more groups until groups_per_step have signal

@@ -43,6 +43,7 @@ class TokenSequence:
     reward: float = 0.0
     group: int = 0
     ref_logprob: float = 0.0   # the frozen reference's log-prob of the counted tokens (DPO)
+    turns: int = 1             # the learner turns whose replies the loss counts (GRPO metrics)
 
     def __post_init__(self):
         if len(self.loss_mask) != len(self.tokens):
@@ -68,6 +69,52 @@ def completion(prompt_ids: Sequence[int], reply_ids: Sequence[int],
             raise ValueError(f"{len(reply_logprobs)} log-probs for {len(reply_ids)} reply tokens")
         old = [0.0] * len(prompt_ids) + [float(x) for x in reply_logprobs]
     return TokenSequence(tokens, mask, old, **scalars)
+
+
+def chat_sequences(turns: Sequence, *, max_len: Optional[int] = None, **scalars) -> list:
+    """An episode's sampled turns as few rows as possible: a turn whose prompt starts with the
+    tokens of a row built so far (an earlier prompt and its sampled reply, id for id) extends that
+    row (the longest such), so each player's whole chat becomes one row with the loss on every
+    reply it sampled. In self-play the two players' turns interleave; each extends its own row.
+
+    turns: in play order, each (prompt_ids, reply_ids, reply_logprobs, train); None entries (turns
+      the model did not play, e.g. a prompt too long for the context) are skipped. A reply with
+      train=False stays in its row as context, with loss mask 0.
+    max_len: a turn that would make a row longer starts a new row instead.
+    scalars: TokenSequence fields every row gets (advantage, reward, group).
+
+    Causal attention makes this exact: a reply's log-probs in the long row are those of its own
+    prompt-and-reply row (its prefix is the same tokens at the same positions), and its mask and old
+    log-probs are the same, so a token-mean loss and its gradient equal those of one row per turn,
+    for the cost of each chat's last row instead of the sum of its turns' rows. A prompt that
+    continues no row (a player whose context is rebuilt, or a reply re-encoded to other ids than
+    were sampled) starts a new row. Each row's `turns` counts the replies it trains.
+    """
+    rows: list = []
+    for turn in turns:
+        if turn is None:
+            continue
+        prompt, reply, logprobs, train = turn
+        if logprobs is not None and len(logprobs) != len(reply):
+            raise ValueError(f"{len(logprobs)} log-probs for {len(reply)} reply tokens")
+        prompt, reply = list(prompt), list(reply)
+        cur = None
+        if max_len is None or len(prompt) + len(reply) <= max_len:
+            for row in rows:
+                k = len(row.tokens)
+                if k <= len(prompt) and (cur is None or k > len(cur.tokens)) and prompt[:k] == row.tokens:
+                    cur = row
+        if cur is None:
+            cur = TokenSequence([], [], [], turns=0, **scalars)
+            rows.append(cur)
+        added = prompt[len(cur.tokens):]
+        counted = bool(train) and bool(reply)
+        cur.tokens.extend(added + reply)
+        cur.loss_mask.extend([0] * len(added) + [int(counted)] * len(reply))
+        lp = [0.0] * len(reply) if logprobs is None or not counted else [float(x) for x in logprobs]
+        cur.old_logprobs.extend([0.0] * len(added) + lp)
+        cur.turns += int(counted)
+    return rows
 
 
 def length_bucket(n: int, max_len: int, smallest: int = 64) -> int:

@@ -6,9 +6,17 @@ comes from its scores (`games.env.RewardConfig`); advantages are normalised with
 (`train.losses.group_advantages`). A group whose rewards are all equal has zero advantages and no
 policy-gradient signal: with `drop_zero_variance` its rows are left out, and with
 `dynamic_sampling` (DAPO) new groups are played until the step has `groups_per_step` informative
-ones (see `collect`). Every learner turn of the episode becomes one row (the prompt
-the sampler was given + the sampled reply), and all its reply tokens carry the episode's advantage.
-Old log-probs are the sampler's own. Rows longer than `batch.max_seq_len` are left out and counted.
+ones (see `collect`). Every learner turn of the episode is trained on as the sampler saw it (the
+prompt it was given + the sampled reply), and all its reply tokens carry the episode's advantage.
+With `grpo.merge_turns` (the default) the turns of one episode whose prompts continue the chat
+share one sequence, the episode's whole chat with the loss on each reply
+(`buffers.chat_sequences`): the same token-mean loss and gradient as one sequence per turn, at a
+fraction of the tokens. Old log-probs are the sampler's own. Turns whose sequence would be longer
+than `batch.max_seq_len` are left out and counted.
+
+Metrics: "rows" counts the learner turns trained on (each turn's reply), "sequences" the
+sequences they were laid out in and "sequence_tokens" those sequences' tokens (the work of the
+update).
 """
 
 from __future__ import annotations
@@ -170,20 +178,26 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
         if kept is not None and int(f.tag) not in kept:
             surplus += len(traces)
             continue
+        turns = []
         for t in traces:
             if t is None:
                 no_fit += 1
+                turns.append(None)
                 continue
-            if g.overlong == "filter" and t.truncated:
-                overlong += 1
-                continue
-            if t.tokens:
-                seqs.append(buffers.completion(t.prompt_ids, t.tokens, t.logprobs, advantage=float(a),
-                                               reward=f.reward, group=int(f.tag)))
-    fitting, dropped = buffers.split_fitting(seqs, int(c.batch.max_seq_len))
+            cut = g.overlong == "filter" and t.truncated
+            overlong += int(cut)
+            turns.append((t.prompt_ids, t.tokens, t.logprobs, not cut))
+        scalars = {"advantage": float(a), "reward": f.reward, "group": int(f.tag)}
+        if g.merge_turns:
+            seqs.extend(buffers.chat_sequences(turns, max_len=int(c.batch.max_seq_len), **scalars))
+        else:
+            seqs.extend(s for t in turns if t is not None for s in buffers.chat_sequences([t], **scalars))
+    fitting = [s for s in seqs if len(s.tokens) <= int(c.batch.max_seq_len) and s.counted > 0]
+    dropped = sum(s.turns for s in seqs if len(s.tokens) > int(c.batch.max_seq_len))
     m = episode_metrics(finished)
     mine_flat = sum(1 for gid in {int(f.tag) for f, _ in finished} if gid in flat)
-    m.update({"learner_turns": sum(len(t) for _, t in finished), "rows": len(fitting),
+    m.update({"learner_turns": sum(len(t) for _, t in finished), "rows": sum(s.turns for s in fitting),
+              "sequences": len(fitting), "sequence_tokens": int(sum(len(s.tokens) for s in fitting)),
               "dropped_long": dropped + no_fit, "zero_variance_groups": mine_flat,
               "dropped_zero_variance": flat_turns,
               "sampled_tokens": int(sum(sum(s.loss_mask) for s in fitting)),

@@ -29,7 +29,7 @@ def test_grpo_on_the_embedded_model_runs_end_to_end(tmp_path):
     rows = read_jsonl(str(run / "metrics.jsonl"))
     train = [r for r in rows if r["split"] == "train"]
     assert len(train) == 1 and train[0]["episodes"] == 2
-    # Taboo's guesser (player 2) is the learner; every learner turn became a row unless too long.
+    # Taboo's guesser (player 2) is the learner; every learner turn was trained on unless too long.
     assert train[0]["learner_turns"] >= 2
     assert train[0]["rows"] + train[0]["dropped_long"] == train[0]["learner_turns"]
     if train[0]["rows"]:
