@@ -8,11 +8,11 @@ policy-gradient signal: with `drop_zero_variance` its rows are left out, and wit
 `dynamic_sampling` (DAPO) new groups are played until the step has `groups_per_step` informative
 ones (see `collect`). Every learner turn of the episode is trained on as the sampler saw it (the
 prompt it was given + the sampled reply), and all its reply tokens carry the episode's advantage.
-With `grpo.merge_turns` (the default) the turns of one episode whose prompts continue the chat
-share one sequence, the episode's whole chat with the loss on each reply
-(`buffers.chat_sequences`): the same token-mean loss and gradient as one sequence per turn, at a
-fraction of the tokens. Old log-probs are the sampler's own. Turns whose sequence would be longer
-than `batch.max_seq_len` are left out and counted.
+With `grpo.merge_turns` (the default) the turns of one episode whose prompts continue a player's
+chat share one sequence, that player's whole chat with the loss on each of its replies
+(`buffers.chat_sequences`; in self-play one sequence per player): the same token-mean loss and
+gradient as one sequence per turn, at a fraction of the tokens. Old log-probs are the sampler's
+own. Turns whose sequence would be longer than `batch.max_seq_len` are left out and counted.
 
 Metrics: "rows" counts the learner turns trained on (each turn's reply), "sequences" the
 sequences they were laid out in and "sequence_tokens" those sequences' tokens (the work of the
