@@ -192,8 +192,8 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
             seqs.extend(buffers.chat_sequences(turns, max_len=int(c.batch.max_seq_len), **scalars))
         else:
             seqs.extend(s for t in turns if t is not None for s in buffers.chat_sequences([t], **scalars))
-    fitting = [s for s in seqs if len(s.tokens) <= int(c.batch.max_seq_len) and s.counted > 0]
-    dropped = sum(s.turns for s in seqs if len(s.tokens) > int(c.batch.max_seq_len))
+    fitting, _ = buffers.split_fitting(seqs, int(c.batch.max_seq_len))
+    dropped = sum(s.turns for s in seqs if len(s.tokens) > int(c.batch.max_seq_len))   # turns, not rows
     m = episode_metrics(finished)
     mine_flat = sum(1 for gid in {int(f.tag) for f, _ in finished} if gid in flat)
     m.update({"learner_turns": sum(len(t) for _, t in finished), "rows": sum(s.turns for s in fitting),
