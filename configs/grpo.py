@@ -8,6 +8,7 @@ groups_per_step=64, model.param_dtype=bfloat16, mesh.fsdp=-1.
 from ml_collections import ConfigDict
 
 from configs.base import get_base_config
+from configs.sft import sft_section
 
 
 def get_config() -> ConfigDict:
@@ -35,4 +36,10 @@ def get_config() -> ConfigDict:
     c.grpo.overlong = "none"          # "none" | "filter" (cut replies train nothing) | "penalty" (DAPO)
     c.grpo.overlong_buffer = 16       # penalty: L_cache, the last tokens before max_new_tokens
     c.grpo.overlong_penalty = 1.0     # penalty: its weight added to the reward
+    # > 0: each update also descends sft_coef x the SFT loss (mean NLL) of sft.batch_size
+    # demonstration chats (the learner roles' turns of `sft.source` episodes), as InstructGPT's
+    # PPO-ptx mixes pretraining data into RL: keeps the answer formats SFT taught while GRPO moves
+    # the policy. 0: pure GRPO.
+    c.grpo.sft_coef = 0.0
+    c.sft = sft_section()
     return c

@@ -13,9 +13,15 @@ from configs.base import get_base_config
 def get_config() -> ConfigDict:
     c = get_base_config("sft")
     c.optimizer.learning_rate = 2e-5
-    c.sft = ConfigDict()
-    c.sft.source = "strong"         # "strong" | a records directory
-    c.sft.episodes_per_game = 8     # strong-player episodes per game (source "strong")
-    c.sft.only_success = True       # train on successful episodes only
-    c.sft.batch_size = 4            # sequences (one per player per episode) per step
+    c.sft = sft_section()
     return c
+
+
+def sft_section() -> ConfigDict:
+    """The demonstrations SFT trains on (also GRPO's auxiliary SFT term, `grpo.sft_coef`)."""
+    s = ConfigDict()
+    s.source = "strong"             # "strong" | a records directory
+    s.episodes_per_game = 8         # strong-player episodes per game (source "strong")
+    s.only_success = True           # train on successful episodes only
+    s.batch_size = 4                # sequences (one per player per episode) per step
+    return s

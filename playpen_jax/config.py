@@ -278,7 +278,8 @@ def validate(c: ConfigDict) -> ConfigDict:
         _require(not (c.grpo.ratio_level == "sequence" and c.grpo.aggregation == "token-mean"),
                  "grpo.ratio_level", c.grpo.ratio_level,
                  "'sequence' (GSPO) averages over sequences: use grpo.aggregation=sequence-mean")
-    if c.method == "sft":
+        _num(c, "grpo.sft_coef", lo=0)
+    if c.method == "sft" or (c.method == "grpo" and c.grpo.sft_coef > 0):
         _require(isinstance(c.sft.source, str) and c.sft.source != "", "sft.source", c.sft.source,
                  "must be 'strong' or a records directory")
         _num(c, "sft.episodes_per_game", lo=1, integer=True)

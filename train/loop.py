@@ -340,54 +340,84 @@ class Run:
         return m
 
     # ----- one training step ------------------------------------------------------------------
-    def update(self, seqs: list, loss_fn, extra, weight_by: str, metrics: dict, repeats: int = 1) -> None:
-        """One optimizer update (`repeats` of them) on this process's sequences and every other
-        process's (a process may have none); skipped when no process has any."""
+    def _pack(self, seqs: list, weight_by: str) -> Optional[dict]:
         c = self.c
-        batch = buffers.pack_shard(seqs, shard=self.shard, shards=self.shards,
-                                   micro_batch=int(c.batch.micro_batch), rows_multiple=self.rows_multiple,
-                                   max_len=int(c.batch.max_seq_len), pad_id=self.pad_id, weight_by=weight_by,
-                                   packed=bool(c.batch.pack) and weight_by == "tokens")
+        return buffers.pack_shard(seqs, shard=self.shard, shards=self.shards,
+                                  micro_batch=int(c.batch.micro_batch), rows_multiple=self.rows_multiple,
+                                  max_len=int(c.batch.max_seq_len), pad_id=self.pad_id, weight_by=weight_by,
+                                  packed=bool(c.batch.pack) and weight_by == "tokens")
+
+    def update(self, seqs: list, loss_fn, extra, weight_by: str, metrics: dict, repeats: int = 1,
+               aux: Optional[tuple] = None) -> None:
+        """One optimizer update (`repeats` of them) on this process's sequences and every other
+        process's (a process may have none); skipped when no process has any.
+
+        aux: (sequences, loss_fn, coef): an auxiliary objective added with weight coef to the same
+        update, over its own token-mean batch (`train_step.make_train_step`)."""
+        batch = self._pack(seqs, weight_by)
         if batch is None:
             metrics["skipped_empty"] = 1.0
             return
-        self._update_packed(batch, loss_fn, extra, metrics, repeats=repeats, shards=self.shards)
+        aux_packed = None
+        if aux is not None:
+            aux_seqs, aux_fn, coef = aux
+            aux_batch = self._pack(aux_seqs, "tokens")
+            if aux_batch is not None:
+                aux_packed = (aux_batch, aux_fn, float(coef))
+        self._update_packed(batch, loss_fn, extra, metrics, repeats=repeats, shards=self.shards,
+                            aux=aux_packed)
 
     def _update_packed(self, batch: dict, loss_fn, extra, metrics: dict, repeats: int = 1,
-                       shards: int = 1) -> None:
-        """batch: the full batch on every process (shards=1) or this process's block of its rows."""
+                       shards: int = 1, aux: Optional[tuple] = None) -> None:
+        """batch: the full batch on every process (shards=1) or this process's block of its rows.
+        aux: (packed batch, loss_fn, coef) of an auxiliary objective, or None."""
         device_batch = buffers.to_device(batch, self.mesh, shards=shards)
+        aux_batch, aux_fn, aux_coef = aux if aux is not None else (None, None, 0.0)
         if self.lora is not None:   # the adapters are trained, on the frozen base
             loss_fn = self._lora_loss(loss_fn)
+            aux_fn = self._lora_loss(aux_fn) if aux_fn is not None else None
             extra = {**(extra or {}), "lora_base": self.base}
             if self.lora.dropout > 0:
                 extra["rng"] = jax.random.PRNGKey(int(self.c.seed) + 7)
-        fn = self._steps.get(loss_fn)
+        fn_key = (loss_fn, aux_fn, aux_coef)
+        fn = self._steps.get(fn_key)
         if fn is None:
-            fn = self._steps[loss_fn] = train_step.make_train_step(loss_fn, self.optimizer, self.shardings)
+            fn = self._steps[fn_key] = train_step.make_train_step(loss_fn, self.optimizer, self.shardings,
+                                                                  aux_loss_fn=aux_fn, aux_coef=aux_coef)
+        args = (self.state, device_batch, extra)
+        if aux_batch is not None:
+            args += (buffers.to_device(aux_batch, self.mesh, shards=shards),)
         # Compiled ahead of time once per batch shape, so that update timings exclude compilation.
-        key = (loss_fn, tuple(sorted((k, v.shape) for k, v in batch.items())))
+        shapes = lambda b: tuple(sorted((k, v.shape) for k, v in b.items())) if b is not None else None  # noqa: E731
+        key = (fn_key, shapes(batch), shapes(aux_batch))
         compiled = self._compiled.get(key)
         if compiled is None:
             t = time.perf_counter()
-            compiled = self._compiled[key] = fn.lower(self.state, device_batch, extra).compile()
+            compiled = self._compiled[key] = fn.lower(*args).compile()
             metrics["compile_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
         out = {}
         lr = float(self.schedule(int(jax.device_get(self.state["step"]))))
         for _ in range(repeats):
-            self.state, out = compiled(self.state, device_batch, extra)
+            self.state, out = compiled(self.state, *args[1:])
         out = {k: float(v) for k, v in jax.device_get(out).items()}
         seconds = time.perf_counter() - t
-        real = sum(int(np.count_nonzero(v)) for k, v in batch.items() if k.endswith("segment_ids"))
-        rows = sum(int(v.sum()) for k, v in batch.items() if k.endswith("valid"))
-        if shards > 1:
-            real, rows = (int(x) for x in self.global_sum([real, rows]))
-        real *= repeats
-        seq = next(v for k, v in batch.items() if k.endswith("tokens")).shape[-1]
         if self.peak is None:
             self.peak = measured_peak_flops(self.mcfg.jnp_dtype)
-        flops = train_flops_per_token(self.mcfg, seq) * real
+        real, flops = 0, 0.0   # tokens of every batch of the update, and their training FLOPs
+        for b in (batch, aux_batch):
+            if b is None:
+                continue
+            n = sum(int(np.count_nonzero(v)) for k, v in b.items() if k.endswith("segment_ids"))
+            if shards > 1:
+                n = int(self.global_sum([n])[0])
+            seq_b = next(v for k, v in b.items() if k.endswith("tokens")).shape[-1]
+            real += n * repeats
+            flops += train_flops_per_token(self.mcfg, seq_b) * n * repeats
+        rows = sum(int(v.sum()) for k, v in batch.items() if k.endswith("valid"))
+        if shards > 1:
+            rows = int(self.global_sum([rows])[0])
+        seq = next(v for k, v in batch.items() if k.endswith("tokens")).shape[-1]
         metrics.update(out)
         metrics.update({"learning_rate": lr, "update_seconds": seconds, "tokens_per_second": real / seconds,
                         "mfu": flops / seconds / (self.peak * jax.device_count()),
@@ -592,6 +622,14 @@ def _method_setup(r: Run):
         pool = [registry.instances(g, "train", int(c.seed)) for g in r.games]
         roles = r.learner_roles(r.games)
         weight_by = "tokens" if c.grpo.aggregation == "token-mean" else "sequences"
+        sft_coef = float(c.grpo.sft_coef)
+        demos = None
+        if sft_coef > 0:   # the auxiliary SFT term's demonstrations
+            demos, info = sft.build_dataset(c, r.model.tokenizer)
+            sft_fn = sft.make_loss_fn(r.mcfg)
+            if r.is_main:
+                print(f"grpo: auxiliary SFT (coef {sft_coef:g}) on {info['rows']} rows from "
+                      f"{info['episodes_kept']} of {info['episodes']} episodes", file=sys.stderr)
 
         def grpo_step(i: int) -> dict:
             # Each data shard plays its own block of the step's groups; every episode samples from
@@ -605,7 +643,13 @@ def _method_setup(r: Run):
                               env_partner=r.env_partner(), shard=r.shard, shards=r.shards)
             metrics = dict(ro.metrics) if r.shards == 1 else _global_rollout_metrics(r, ro)
             metrics["rollout_seconds"] = time.perf_counter() - t
-            r.update(ro.sequences, loss_fn, extra, weight_by, metrics, repeats=int(c.grpo.updates_per_batch))
+            aux = None
+            if demos is not None:
+                seqs = sft.batch_for_step(demos, i, int(c.sft.batch_size), int(c.seed))
+                lo, hi = distributed.share(len(seqs), r.shard, r.shards)   # this data shard's rows
+                aux = (seqs[lo:hi], sft_fn, sft_coef)
+            r.update(ro.sequences, loss_fn, extra, weight_by, metrics, repeats=int(c.grpo.updates_per_batch),
+                     aux=aux)
             return metrics
 
         return grpo_step

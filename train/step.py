@@ -78,8 +78,9 @@ def abstract_state(shardings, params_abstract, optimizer) -> Any:
                                   shapes, shardings)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, shardings) -> Callable:
-    """jit(step)(state, batch, extra) -> (new state, metrics).
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, shardings, *,
+                    aux_loss_fn: LossFn | None = None, aux_coef: float = 0.0) -> Callable:
+    """jit(step)(state, batch, extra, aux_batch=None) -> (new state, metrics).
 
     batch: a dict of [M, ...] arrays plus "weight" [M]; loss_fn sees one micro-batch (the [M] axis
     removed) and `extra` (e.g. frozen reference params) and returns (loss, metrics). A key
@@ -87,22 +88,29 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
     dropout), so each update and micro-batch draws its own. The step's
     loss and metrics are the weight-weighted sums over micro-batches; metrics also hold the
     gradient norm before clipping ("grad_norm") and the learning rate is left to the caller.
+
+    With `aux_loss_fn`, the update descends L + aux_coef * L_aux, where L_aux is `aux_loss_fn`'s
+    weighted sum over the micro-batches of `aux_batch` (packed like `batch`, with weights of its
+    own; e.g. an SFT loss on demonstrations beside GRPO, InstructGPT's "PPO-ptx"). Its loss and
+    metrics are reported with an "aux_" prefix; "loss" is the combined objective.
     """
 
     mesh = next(s.mesh for s in jax.tree_util.tree_leaves(shardings) if isinstance(s, NamedSharding))
     layout = shd.constrain_activations(mesh)
 
-    def step(state, batch, extra):
+    if aux_loss_fn is None and aux_coef:
+        raise ValueError("make_train_step: aux_coef is set but no aux_loss_fn is given")
+
+    def step(state, batch, extra, aux_batch=None):
+        if (aux_batch is None) != (aux_loss_fn is None):
+            raise ValueError("make_train_step: an aux_batch goes with an aux_loss_fn, and one with the other")
         # hidden states keep the batch's data sharding (see models.llama.activation_layout)
         with llama.activation_layout(layout):
-            return _step(state, batch, extra)
+            return _step(state, batch, extra, aux_batch)
 
-    def _step(state, batch, extra):
-        params = state["params"]
+    def _accumulate(fn, params, batch, extra, rng):
+        """The weighted sums over micro-batches of fn's gradient, loss and metrics."""
         param_sh = shardings["params"]
-        rng = extra.get("rng") if isinstance(extra, dict) else None
-        if rng is not None:   # one key per update, folded with the micro-batch below
-            rng = jax.random.fold_in(rng, state["step"])
 
         def micro(acc, inputs):
             mb, index = inputs
@@ -110,7 +118,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
             ex = extra if rng is None else {**extra, "rng": jax.random.fold_in(rng, index)}
 
             def compute(_):
-                (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, ex)
+                (loss, metrics), g = jax.value_and_grad(fn, has_aux=True)(params, mb, ex)
                 return loss, metrics, g
 
             shapes = jax.eval_shape(compute, None)
@@ -128,8 +136,24 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
         zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
         n_micro = jax.tree_util.tree_leaves(batch)[0].shape[0]
         grads, (losses, metrics) = jax.lax.scan(micro, zeros, (batch, jnp.arange(n_micro)))
-        metrics = {k: jnp.sum(v) for k, v in metrics.items()}
-        metrics["loss"] = jnp.sum(losses)
+        return grads, jnp.sum(losses), {k: jnp.sum(v) for k, v in metrics.items()}
+
+    def _step(state, batch, extra, aux_batch):
+        params = state["params"]
+        rng = extra.get("rng") if isinstance(extra, dict) else None
+        if rng is not None:   # one key per update, folded with the micro-batch below
+            rng = jax.random.fold_in(rng, state["step"])
+        grads, loss, metrics = _accumulate(loss_fn, params, batch, extra, rng)
+        if aux_batch is not None:
+            aux_rng = None if rng is None else jax.random.fold_in(rng, 1 << 30)
+            aux_grads, aux_loss, aux_metrics = _accumulate(aux_loss_fn, params, aux_batch, extra, aux_rng)
+            grads = jax.tree_util.tree_map(lambda a, b: a + aux_coef * b, grads, aux_grads)
+            grads = jax.lax.with_sharding_constraint(grads, shardings["params"])
+            metrics.update({f"aux_{k}": v for k, v in aux_metrics.items()})
+            metrics["aux_loss"] = aux_loss
+            metrics["main_loss"] = loss
+            loss = loss + aux_coef * aux_loss
+        metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)

@@ -284,9 +284,11 @@ def test_grpo_run_on_two_processes_equals_one(tiny_dir, tmp_path):
     """Each of two processes plays half of every step's groups. Every episode samples from keys of
     its own, so the two processes play the episodes one process plays, and train to its params; the
     metrics are those of all the groups, written once, by process 0; the checkpoint restores. With
-    dynamic sampling, both processes agree on each refill round from every shard's groups."""
+    dynamic sampling, both processes agree on each refill round from every shard's groups. The
+    auxiliary SFT term's demonstrations are split between the processes like SFT's rows."""
     over = {"steps": 3, "grpo.group_size": 8, "grpo.groups_per_step": 4, "optimizer.learning_rate": 0.03,
-            "rollout.temperature": 1.0, "grpo.dynamic_sampling": True, "grpo.max_refill_rounds": 1}
+            "rollout.temperature": 1.0, "grpo.dynamic_sampling": True, "grpo.max_refill_rounds": 1,
+            "grpo.sft_coef": 0.5, "sft.episodes_per_game": 4, "sft.batch_size": 4}
     runs = {n: tmp_path / f"grpo{n}" for n in (1, 2)}
     for n, run in runs.items():
         _launch(_main_args(tiny_dir, run, **over), processes=n)
@@ -302,6 +304,7 @@ def test_grpo_run_on_two_processes_equals_one(tiny_dir, tmp_path):
             assert m.get(key) == a.get(key), (m["step"], key)
         if "loss" in a:
             assert m["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+            assert m["aux_nll"] == pytest.approx(a["aux_nll"], rel=1e-4) and m["aux_nll"] > 0
             assert m["skipped_nonfinite"] == 0
     assert any("loss" in m for m in two[:3]) and len({m["reward"] for m in two[:3]}) > 1
     assert any(m["groups_played"] > 4 for m in two[:3])   # a refill round was played

@@ -53,6 +53,9 @@ def _metrics(run_dir, split="train"):
     (["--config=configs/grpo.py", "--config.rollout.top_p=0"], "rollout.top_p"),
     (["--config=configs/grpo.py", "--config.games.names=nogame"], "unknown game"),
     (["--config=configs/grpo.py", "stray"], "unexpected argument"),
+    (["--config=configs/grpo.py", "--config.grpo.sft_coef=-1"], "grpo.sft_coef"),
+    (["--config=configs/grpo.py", "--config.grpo.sft_coef=0.5", "--config.sft.batch_size=0"],
+     "sft.batch_size"),
 ])
 def test_bad_configs_give_one_clear_error(argv, needle, capsys):
     assert train_main.main(argv) == 2
@@ -266,6 +269,57 @@ def test_nonfinite_loss_skips_the_update():
     np.testing.assert_array_equal(jax.device_get(state["params"])["embed"], before["embed"])
 
 
+def test_auxiliary_objective_adds_its_scaled_gradient():
+    """With plain SGD (lr 1, no clipping) an update is minus its gradient: the update with an
+    auxiliary objective is the main objective's update plus coef times the auxiliary one's, and the
+    losses it reports are the two parts and their weighted sum."""
+    import optax
+
+    from models import llama
+    from train import sft
+
+    cfg = tiny_config()
+    params = llama.init(cfg, jax.random.PRNGKey(0))
+    ref = llama.init(cfg, jax.random.PRNGKey(1))
+    opt = optax.sgd(1.0)
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    p_sh = train_step.param_shardings(cfg, mesh)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    sh = train_step.state_shardings(p_sh, opt, abstract, mesh)
+    main_batch = buffers.to_device(buffers.pack(_random_completions(cfg), micro_batch=2, max_len=64), mesh)
+    rng = np.random.default_rng(5)
+    demos = [buffers.TokenSequence(rng.integers(3, cfg.vocab_size, n).tolist(), [0] * 4 + [1] * (n - 4))
+             for n in (12, 20, 9)]
+    aux_batch = buffers.to_device(buffers.pack(demos, micro_batch=2, max_len=64), mesh)
+    extra = {"ref": jax.device_put(ref, p_sh)}
+    main_fn, aux_fn = grpo_loss_fn(cfg, "token-mean"), sft.make_loss_fn(cfg)
+
+    def run(loss_fn, batch, with_aux=None):
+        state = train_step.init_state(jax.device_put(params, p_sh), opt, sh)
+        kw = {} if with_aux is None else {"aux_loss_fn": aux_fn, "aux_coef": 0.5}
+        step = train_step.make_train_step(loss_fn, opt, sh, **kw)
+        state, m = step(state, batch, extra, *([] if with_aux is None else [with_aux]))
+        delta = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b),
+                                       jax.device_get(state["params"]), params)
+        return delta, jax.device_get(m)
+
+    d_main, m_main = run(main_fn, main_batch)
+    d_aux, m_aux = run(aux_fn, aux_batch)
+    d_both, m_both = run(main_fn, main_batch, aux_batch)
+    assert m_aux["loss"] > 1.0   # random tokens: the NLL is large
+    assert float(m_both["main_loss"]) == pytest.approx(float(m_main["loss"]), rel=1e-5, abs=1e-6)
+    assert float(m_both["aux_loss"]) == pytest.approx(float(m_aux["loss"]), rel=1e-5)
+    assert float(m_both["aux_nll"]) == pytest.approx(float(m_aux["nll"]), rel=1e-5)
+    combined = float(m_main["loss"]) + 0.5 * float(m_aux["loss"])
+    assert float(m_both["loss"]) == pytest.approx(combined, rel=1e-5)
+    jax.tree_util.tree_map(lambda a, b, c: np.testing.assert_allclose(c, a + 0.5 * b, rtol=1e-4, atol=1e-6),
+                           d_main, d_aux, d_both)
+    assert np.abs(d_aux["embed"]).max() > 1e-3   # the auxiliary term does move the weights
+    step = train_step.make_train_step(main_fn, opt, sh)
+    with pytest.raises(ValueError, match="aux_batch"):
+        step(train_step.init_state(jax.device_put(params, p_sh), opt, sh), main_batch, extra, aux_batch)
+
+
 # ----- runs ---------------------------------------------------------------------------------------
 
 def test_grpo_run_learns_the_test_game_and_writes_its_run_dir(tiny_dir, tmp_path):
@@ -305,6 +359,23 @@ def test_grpo_run_learns_the_test_game_and_writes_its_run_dir(tiny_dir, tmp_path
     assert np.abs(np.asarray(exported.params["embed"]) - np.asarray(start.params["embed"])).max() > 1e-3
     # a second run in the same directory without resume is refused (nothing overwritten)
     assert train_main.main(argv) == 1
+
+
+def test_grpo_with_auxiliary_sft_fits_the_demonstrations(tiny_dir, tmp_path):
+    """grpo.sft_coef > 0: every update also trains on strong-player chats; their NLL is reported
+    and falls as the run goes on, and the combined loss is GRPO's plus coef times it."""
+    run = tmp_path / "grpo_sft"
+    argv = _args(tiny_dir, run, **{"steps": 12, "grpo.group_size": 4, "grpo.groups_per_step": 2,
+                                   "optimizer.learning_rate": 0.01, "grpo.sft_coef": 2.0,
+                                   "sft.episodes_per_game": 4, "sft.batch_size": 4,
+                                   "eval.at_start": False, "export.hf": False})
+    assert train_main.main(argv) == 0
+    updated = [m for m in _metrics(run) if "loss" in m]
+    assert len(updated) >= 6
+    for m in updated:
+        assert m["loss"] == pytest.approx(m["main_loss"] + 2.0 * m["aux_loss"], rel=1e-4, abs=1e-5)
+        assert m["aux_tokens"] > 0
+    assert updated[-1]["aux_nll"] < 0.5 * updated[0]["aux_nll"], [round(m["aux_nll"], 3) for m in updated]
 
 
 def test_resume_continues_exactly(tiny_dir, tmp_path):
