@@ -388,8 +388,8 @@ class Run:
         if aux_batch is not None:
             args += (buffers.to_device(aux_batch, self.mesh, shards=shards),)
         # Compiled ahead of time once per batch shape, so that update timings exclude compilation.
-        shapes = lambda b: tuple(sorted((k, v.shape) for k, v in b.items())) if b is not None else None  # noqa: E731
-        key = (fn_key, shapes(batch), shapes(aux_batch))
+        key = (fn_key,) + tuple(tuple(sorted((k, v.shape) for k, v in b.items())) for b in
+                                (batch, aux_batch) if b is not None)
         compiled = self._compiled.get(key)
         if compiled is None:
             t = time.perf_counter()
@@ -404,20 +404,16 @@ class Run:
         seconds = time.perf_counter() - t
         if self.peak is None:
             self.peak = measured_peak_flops(self.mcfg.jnp_dtype)
-        real, flops = 0, 0.0   # tokens of every batch of the update, and their training FLOPs
-        for b in (batch, aux_batch):
-            if b is None:
-                continue
-            n = sum(int(np.count_nonzero(v)) for k, v in b.items() if k.endswith("segment_ids"))
-            if shards > 1:
-                n = int(self.global_sum([n])[0])
-            seq_b = next(v for k, v in b.items() if k.endswith("tokens")).shape[-1]
-            real += n * repeats
-            flops += train_flops_per_token(self.mcfg, seq_b) * n * repeats
+        batches = [b for b in (batch, aux_batch) if b is not None]
+        tokens = lambda b, name: next(v for k, v in b.items() if k.endswith(name))  # noqa: E731
+        counts = [int(np.count_nonzero(tokens(b, "segment_ids"))) for b in batches]   # real tokens
         rows = sum(int(v.sum()) for k, v in batch.items() if k.endswith("valid"))
-        if shards > 1:
-            rows = int(self.global_sum([rows])[0])
-        seq = next(v for k, v in batch.items() if k.endswith("tokens")).shape[-1]
+        if shards > 1:   # one collective for every count
+            *counts, rows = (int(x) for x in self.global_sum(counts + [rows]))
+        real = repeats * sum(counts)
+        flops = repeats * sum(train_flops_per_token(self.mcfg, tokens(b, "tokens").shape[-1]) * n
+                              for b, n in zip(batches, counts))
+        seq = tokens(batch, "tokens").shape[-1]
         metrics.update(out)
         metrics.update({"learning_rate": lr, "update_seconds": seconds, "tokens_per_second": real / seconds,
                         "mfu": flops / seconds / (self.peak * jax.device_count()),
