@@ -29,6 +29,12 @@ def get_config() -> ConfigDict:
     # loss, fewer tokens); with a per-sequence aggregation or GSPO a sequence is then an episode's
     # replies, not one turn's. False: one sequence per turn.
     c.grpo.merge_turns = True
+    # which learner turns carry an episode's advantage: "episode" (all) | "abort_turn" (in an
+    # aborted episode only the reply that broke the rules; the accepted turns before it are context)
+    c.grpo.credit = "episode"
+    # true: play and log every step's rollouts but never update (a control: the starting policy on
+    # the same draws and sampling keys as a training run with the same seed and settings)
+    c.grpo.rollout_only = False
     c.grpo.updates_per_batch = 1    # optimizer steps per rollout batch (old log-probs from the sampler)
     c.grpo.drop_zero_variance = True  # leave out groups whose rewards are all equal (no signal)
     c.grpo.dynamic_sampling = False   # DAPO: play more groups until groups_per_step have signal

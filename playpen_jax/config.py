@@ -269,6 +269,7 @@ def validate(c: ConfigDict) -> ConfigDict:
         _num(c, "grpo.updates_per_batch", lo=1, integer=True)
         _choice(c, "grpo.ratio_level", ("token", "sequence"))
         _choice(c, "grpo.overlong", ("none", "filter", "penalty"))
+        _choice(c, "grpo.credit", ("episode", "abort_turn"))
         _num(c, "grpo.max_refill_rounds", lo=0, integer=True)
         _num(c, "grpo.overlong_buffer", lo=0, integer=True)
         _num(c, "grpo.overlong_penalty", lo=0)

@@ -10,6 +10,11 @@ Stages, each a `train.main` run (or `playpen_jax.tasks`) in its own directory un
 2. `sft`: SFT on the strong programmatic players' episodes of the training games.
 3. `dpo`, `grpo`: each starting from the SFT stage's model (`init=sft`) or the base model.
 4. `eval/<method>`: every trained model evaluated as in 1.
+5. With `grpo_control`, `grpo_control`: the GRPO stage's run again with `grpo.rollout_only=true`,
+   i.e. its starting model playing the same steps' draws with the same sampling keys and never
+   updated. Each GRPO step draws its own instances, so its training curve moves with the draws as
+   much as with the policy; the report sets GRPO's per-step reward, % played and % won beside the
+   control's.
 
 `common` holds overrides (`;`-separated KEY=VALUE) given to every training and game-evaluation
 stage, e.g. `model.matmul_dtype=bfloat16`; `sft`, `dpo`, `grpo` those of one training stage.
@@ -20,9 +25,9 @@ starting stages once that much wall time has passed in this invocation. The repo
 
 - `results.json`: every score, each stage's wall time and command;
 - `results.md`: clemscore per game per method (training games' unseen instances, held-out games),
-  TFDS scores, and the stages' commands and times, ready for RESULTS.md;
+  TFDS scores, GRPO against its control, and the stages' commands and times, ready for RESULTS.md;
 - `clemscore.png` (per game per method) and `curves.png` (each training stage's reward or loss per
-  step).
+  step, and the control's reward).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from ml_collections import ConfigDict
 from playpen_jax.config import ConfigError, parse
 
 METHODS = ("sft", "dpo", "grpo")
+# the GRPO control stage's settings on top of the GRPO stage's: no update, no export, no in-run eval
+CONTROL = ("grpo.rollout_only=true", "export.hf=false", "eval.every=0", "eval.at_start=false")
 
 
 class ExperimentError(RuntimeError):
@@ -51,7 +58,7 @@ class ExperimentError(RuntimeError):
 def check(c: ConfigDict) -> list:
     """The training stages to run, after checking the experiment config (ConfigError on a bad value)."""
     for key in ("out_dir", "model", "train_games", "heldout_games", "eval_split", "methods", "init",
-                "tasks", "tasks_data_dir", "sft", "dpo", "grpo"):
+                "tasks", "tasks_data_dir", "sft", "dpo", "grpo", "grpo_control"):
         if key not in c:
             raise ConfigError(f"experiment config lacks {key!r} "
                               "(start from configs/experiments/playpen_cpu.py)")
@@ -65,6 +72,9 @@ def check(c: ConfigDict) -> list:
     for key in ("eval_limit", "tasks_limit", "eval_max_new_tokens"):
         if not isinstance(c[key], int) or c[key] < 1:
             raise ConfigError(f"config.{key}={c[key]!r}: must be an integer >= 1")
+    if not isinstance(c.grpo_control, bool) or (c.grpo_control and "grpo" not in methods):
+        raise ConfigError(f"config.grpo_control={c.grpo_control!r}: true (with grpo among the methods) "
+                          "or false")
     if not isinstance(c.budget_minutes, (int, float)) or not c.budget_minutes >= 0:
         raise ConfigError(f"config.budget_minutes={c.budget_minutes!r}: must be >= 0")
     for m in ["common"] + methods:
@@ -170,8 +180,11 @@ class Experiment:
                                   f"did; run the experiment again to resume it")
 
     # ----- stages --------------------------------------------------------------------------------
-    def train(self, method: str, model: str) -> str:
-        run = os.path.join(self.out, method)
+    def train(self, method: str, model: str, name: Optional[str] = None, extra: tuple = ()) -> str:
+        """Runs configs/<method>.py from `model` in out/<name> (default: the method), with `extra`
+        overrides (KEY=VALUE) after the experiment's."""
+        name = name or method
+        run = os.path.join(self.out, name)
         c = self.c
 
         def go():
@@ -180,12 +193,12 @@ class Experiment:
             resume = os.path.isdir(os.path.join(run, "checkpoints"))
             if not resume:   # killed before its first checkpoint: start over, without its old metrics
                 shutil.rmtree(run, ignore_errors=True)
-            argv = train_argv(c, method, model, run, resume)
-            self._main(argv, method)
+            argv = train_argv(c, method, model, run, resume) + [f"--config.{kv}" for kv in extra]
+            self._main(argv, name)
             return {"command": "python -m train.main " + " ".join(argv), "model": model,
                     "run_dir": run}
 
-        self._stage(f"train/{method}", go)
+        self._stage(f"train/{name}", go)
         return os.path.join(run, "hf")
 
     def evaluate(self, label: str, model: str) -> None:
@@ -264,6 +277,8 @@ class Experiment:
             if m == "sft":
                 sft_model = model
             self.evaluate(m, model)
+            if m == "grpo" and c.grpo_control:
+                self.train("grpo", start, name="grpo_control", extra=CONTROL)
         report(self.out, self.results, methods)
 
 
@@ -304,6 +319,7 @@ def report(out: str, results: dict, methods: list) -> None:
                     cells.append(_fmt(s.get("acc", s.get("exact_match"))))
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _control_table(out)
     lines += ["## Stages", "", "| stage | status | minutes |", "|---|---|---|"]
     for name, info in results["stages"].items():
         secs, runs = info.get("seconds"), info.get("attempts", 1)
@@ -317,14 +333,43 @@ def report(out: str, results: dict, methods: list) -> None:
     _plots(out, results, labels, methods)
 
 
+def _train_rows(path: str) -> list:
+    from playpen_jax.metrics import read_jsonl
+
+    return [r for r in read_jsonl(path) if r.get("split") == "train"] if os.path.exists(path) else []
+
+
+def _control_table(out: str, windows: int = 4) -> list:
+    """results.md lines: GRPO's and its control's rollouts (reward, % played, % won), episode-weighted
+    over up to `windows` windows of the steps both logged; none without a control run."""
+    runs = {"GRPO": _train_rows(os.path.join(out, "grpo", "metrics.jsonl")),
+            "control (no updates)": _train_rows(os.path.join(out, "grpo_control", "metrics.jsonl"))}
+    by_step = {k: {r["step"]: r for r in rows if r.get("episodes")} for k, rows in runs.items()}
+    steps = sorted(set.intersection(*(set(v) for v in by_step.values())))
+    if not steps:
+        return []
+    k = min(windows, len(steps))
+    cuts = [steps[len(steps) * i // k:len(steps) * (i + 1) // k] for i in range(k)]
+    heads = [f"{w[0]}-{w[-1]}" if len(w) > 1 else f"{w[0]}" for w in cuts]
+    lines = ["## GRPO against its control (its starting model on the same draws, never updated)", "",
+             "| steps | " + " | ".join(heads) + " |", "|---" * (k + 1) + "|"]
+    for key, label, scale in (("reward", "mean reward", 1.0), ("played", "% played", 1.0),
+                              ("success", "% won", 100.0)):
+        for run, rows in by_step.items():
+            cells = []
+            for w in cuts:
+                n = sum(rows[s]["episodes"] for s in w)
+                cells.append(f"{scale * sum(rows[s][key] * rows[s]['episodes'] for s in w) / n:.3g}")
+            lines.append(f"| {label}, {run} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _plots(out: str, results: dict, labels: list, methods: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from playpen_jax.metrics import read_jsonl
 
     scores = results["scores"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -348,15 +393,13 @@ def _plots(out: str, results: dict, labels: list, methods: list) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        path = os.path.join(out, m, "metrics.jsonl")
-        if not os.path.exists(path):
-            continue
-        rows = [r for r in read_jsonl(path) if r.get("split") == "train"]
-        key = "reward" if m == "grpo" else "loss"
+    runs = [(m, m) for m in methods] + ([("grpo_control", "grpo control")] if "grpo" in methods else [])
+    for m, label in runs:
+        rows = _train_rows(os.path.join(out, m, "metrics.jsonl"))
+        key = "reward" if m.startswith("grpo") else "loss"
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
-            ax.plot(*zip(*pts), label=f"{m} {key}")
+            ax.plot(*zip(*pts), label=f"{label} {key}", linestyle="--" if m == "grpo_control" else "-")
     ax.set_xlabel("step")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()

@@ -7,7 +7,9 @@ comes from its scores (`games.env.RewardConfig`); advantages are normalised with
 policy-gradient signal: with `drop_zero_variance` its rows are left out, and with
 `dynamic_sampling` (DAPO) new groups are played until the step has `groups_per_step` informative
 ones (see `collect`). Every learner turn of the episode is trained on as the sampler saw it (the
-prompt it was given + the sampled reply), and all its reply tokens carry the episode's advantage.
+prompt it was given + the sampled reply), and all its reply tokens carry the episode's advantage;
+with `grpo.credit=abort_turn`, an aborted episode trains only the reply that broke the game's rules
+(`credited_turns`).
 With `grpo.merge_turns` (the default) the turns of one episode whose prompts continue a player's
 chat share one sequence, that player's whole chat with the loss on each of its replies
 (`buffers.chat_sequences`; in self-play one sequence per player): the same token-mean loss and
@@ -103,6 +105,25 @@ def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
     return -1.0 if length >= max_new_tokens else (free - length) / buffer
 
 
+def credited_turns(f, traces: list, credit: str) -> list:
+    """Which of an episode's learner turns (its traces, in play order) carry its advantage.
+
+    credit="episode": all of them. credit="abort_turn": in an aborted episode only the reply that
+    broke the rules. A game master aborts on the reply it cannot accept, so that reply is the
+    episode's last answered request; if it was the learner's, it is the last trace, and if it was
+    the partner's (or replayed from a script), no learner turn is blamed. The turns before it were
+    accepted by the game, and an episode-level penalty on them would push down valid moves for a
+    later turn's break; they stay in their sequences as context, with no loss. An episode played to
+    the end (won or lost) trains every turn, as with "episode".
+    """
+    n = len(traces)
+    if credit == "episode" or not f.episode_scores.get(METRIC_ABORTED):
+        return [True] * n
+    last = f.turns[-1] if f.turns else None
+    blamed = last is not None and last.learner and not last.scripted
+    return [blamed and k == n - 1 for k in range(n)]
+
+
 def _draw(rng: np.random.Generator, pool: list, n: int) -> list:
     picks = []
     for _ in range(n):
@@ -124,6 +145,9 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
     of `overlong_penalty` (times `grpo.overlong_penalty`). With `grpo.overlong=filter` a reply cut at
     `rollout.max_new_tokens` trains nothing (its row is left out), though its episode still counts
     in its group's statistics.
+
+    Credit (`grpo.credit`): which learner turns of an episode carry its advantage (`credited_turns`);
+    the turns left out stay in their chat as context and are counted in "context_turns".
 
     Dynamic sampling (`grpo.dynamic_sampling`, DAPO): while fewer than `groups_per_step` groups have
     unequal rewards, play more groups (new draws of instances), at most `grpo.max_refill_rounds`
@@ -170,7 +194,7 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
            else np.zeros((0,), np.float32))
     flat = {gid for gid, x in enumerate(flat_all) if x == 1}
     kept = [gid for gid in range(played) if gid not in flat][:target] if g.dynamic_sampling else None
-    seqs, no_fit, flat_turns, overlong, surplus = [], 0, 0, 0, 0
+    seqs, no_fit, flat_turns, overlong, surplus, context = [], 0, 0, 0, 0, 0
     for (f, traces), a in zip(finished, adv):
         if (g.drop_zero_variance or g.dynamic_sampling) and int(f.tag) in flat:
             flat_turns += len(traces)
@@ -179,14 +203,15 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
             surplus += len(traces)
             continue
         turns = []
-        for t in traces:
+        for t, credited in zip(traces, credited_turns(f, traces, g.credit)):
             if t is None:
                 no_fit += 1
                 turns.append(None)
                 continue
             cut = g.overlong == "filter" and t.truncated
             overlong += int(cut)
-            turns.append((t.prompt_ids, t.tokens, t.logprobs, not cut))
+            context += int(not credited and not cut)
+            turns.append((t.prompt_ids, t.tokens, t.logprobs, credited and not cut))
         scalars = {"advantage": float(a), "reward": f.reward, "group": int(f.tag)}
         if g.merge_turns:
             seqs.extend(buffers.chat_sequences(turns, max_len=int(c.batch.max_seq_len), **scalars))
@@ -204,6 +229,8 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
               "truncated_replies": sum(1 for _, ts in finished for t in ts if t is not None and t.truncated)})
     if g.overlong == "filter":
         m["dropped_overlong"] = overlong
+    if g.credit != "episode":
+        m["context_turns"] = context
     if g.overlong == "penalty":
         m["penalized_replies"] = sum(
             1 for _, ts in finished for t in ts if t is not None

@@ -620,7 +620,7 @@ def _method_setup(r: Run):
         weight_by = "tokens" if c.grpo.aggregation == "token-mean" else "sequences"
         sft_coef = float(c.grpo.sft_coef)
         demos = None
-        if sft_coef > 0:   # the auxiliary SFT term's demonstrations
+        if sft_coef > 0 and not c.grpo.rollout_only:   # the auxiliary SFT term's demonstrations
             demos, info = sft.build_dataset(c, r.model.tokenizer)
             sft_fn = sft.make_loss_fn(r.mcfg)
             if r.is_main:
@@ -639,6 +639,8 @@ def _method_setup(r: Run):
                               env_partner=r.env_partner(), shard=r.shard, shards=r.shards)
             metrics = dict(ro.metrics) if r.shards == 1 else _global_rollout_metrics(r, ro)
             metrics["rollout_seconds"] = time.perf_counter() - t
+            if c.grpo.rollout_only:   # a control run: the same draws and keys, no update
+                return metrics
             aux = None
             if demos is not None:
                 seqs = sft.batch_for_step(demos, i, int(c.sft.batch_size), int(c.seed))

@@ -29,6 +29,9 @@ def get_config() -> ConfigDict:
     c.methods = "sft,dpo,grpo"      # the training stages, in order
     c.init = "sft"                  # DPO and GRPO start from "sft" (the SFT stage's model) or "base"
     c.budget_minutes = 0.0          # 0: no limit
+    # true: after GRPO, its starting model plays the same steps' rollouts without updates (a
+    # control for GRPO's training curve, at about the GRPO stage's rollout time again)
+    c.grpo_control = False
     c.tasks = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,gsm8k"
     # TFDS datasets prepared as array_record (`tfds build`, or `python -m playpen_jax.task_data`)
     c.tasks_data_dir = "~/tensorflow_datasets"

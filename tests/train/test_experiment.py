@@ -98,6 +98,36 @@ def test_protocol_runs_every_stage_and_reports(setup, tmp_path):
     assert "not prepared" not in (out / "results.md").read_text()
 
 
+def test_grpo_control_plays_the_same_draws_without_updates(setup, tmp_path):
+    model, data = setup
+    out = tmp_path / "exp"
+    grpo = ("steps=3;grpo.group_size=2;grpo.groups_per_step=2;rollout.max_new_tokens=4;"
+            "batch.max_seq_len=256;games.learner_roles=all;eval.at_start=false;log.plots=false;"
+            "optimizer.learning_rate=0.03")
+    assert experiment.main(_argv(model, data, out, methods="grpo", init="base", tasks="", grpo=grpo,
+                                 grpo_control=True)) == 0
+    res = json.loads((out / "results.json").read_text())
+    stages = res["stages"]
+    assert stages["train/grpo_control"]["status"] == "done"
+    assert stages["train/grpo_control"]["model"] == stages["train/grpo"]["model"] == model
+    assert "--config.grpo.rollout_only=true" in stages["train/grpo_control"]["command"]
+    assert set(res["scores"]) == {"base", "grpo"}   # the control's model is the starting one
+    g = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    k = [json.loads(x) for x in (out / "grpo_control" / "metrics.jsonl").read_text().splitlines()]
+    g, k = [m for m in g if m["split"] == "train"], [m for m in k if m["split"] == "train"]
+    assert [m["step"] for m in k] == [1, 2, 3] and all("loss" not in m for m in k)
+    assert g[0]["reward"] == k[0]["reward"] and g[0]["episodes"] == k[0]["episodes"]   # same first step
+    assert not (out / "grpo_control" / "hf").exists()
+    md = (out / "results.md").read_text()
+    table = md[md.index("## GRPO against its control"):md.index("## Stages")]
+    assert "| steps | 1 | 2 | 3 |" in table
+    played = [ln for ln in table.splitlines() if ln.startswith("| % played, ")]
+    assert len(played) == 2
+    want = [f"{m['played']:.3g}" for m in k]
+    assert played[1].split(" | ")[1:] == want[:-1] + [want[-1] + " |"]
+    assert (out / "curves.png").read_bytes()[:8] == PNG
+
+
 def test_budget_stops_new_stages(setup, tmp_path):
     model, data = setup
     out = tmp_path / "exp"
@@ -137,6 +167,7 @@ def test_a_stage_stopped_part_way_counts_its_runs(tmp_path):
 @pytest.mark.parametrize("over, needle", [
     ({"methods": "sft,ppo"}, "config.methods"),
     ({"methods": "grpo", "init": "sft"}, "config.init"),
+    ({"methods": "sft", "grpo_control": True}, "config.grpo_control"),
     ({"eval_limit": 0}, "config.eval_limit"),
     ({"grpo": "steps"}, "not KEY=VALUE"),
     ({"common": "model.matmul_dtype"}, "config.common"),
@@ -190,6 +221,9 @@ def test_every_stage_of_the_shipped_experiments_is_a_valid_run_config(path):
                 assert got == float(value), (m, key)
             else:
                 assert str(got).lower() == value.lower(), (m, key)
+    control = experiment.train_argv(c, "grpo", c.model, "/tmp/run", False)
+    run = validate(parse(control + [f"--config.{kv}" for kv in experiment.CONTROL]))
+    assert run.grpo.rollout_only is True and run.export.hf is False
     for games in (c.train_games, c.heldout_games):
         run = validate(parse(experiment.eval_argv(c, games, c.model, "/tmp/run")))
         assert run.method == "eval" and run.eval.games == games

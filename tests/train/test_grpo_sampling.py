@@ -3,6 +3,8 @@ filter and soft length penalty, and beta = 0 skipping the reference forward."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from models import registry as model_registry
 from playpen_jax import buffers
 from playpen_jax.config import ConfigError, apply_override, validate
 from playpen_jax.config import load_file as load_config
-from playpen_jax.rollout import ModelPolicy
+from playpen_jax.rollout import ModelPolicy, PolicyOutput
 from tests.train.tiny_model import make_tiny_model
 from train import grpo, losses
 
@@ -157,6 +159,89 @@ def test_dynamic_sampling_stops_after_its_rounds(tiny):
     assert ro.sequences == [] and ro.metrics["rows"] == 0
     # round one plays 4 groups; each refill at most groups_per_step more
     assert 4 < ro.metrics["groups_played"] <= 4 * 3
+
+
+# ----- credit ------------------------------------------------------------------------------------
+
+class _BreaksAtSecondGuess:
+    """A Wordle learner: the strong programmatic guesser in odd-numbered episodes; in even ones it
+    plays the strong guesser's first guess and then replies outside the answer format (the game
+    aborts on it). Its traces are the chat and reply token ids of the tiny model's tokenizer."""
+
+    def __init__(self, tokenizer, ep):
+        self.tok, self.ep, self.players, self.turn = tokenizer, ep, {}, {}
+
+    def __call__(self, reqs):
+        texts = []
+        for r in reqs:
+            k = self.turn.get(r.episode_id, 0)
+            self.turn[r.episode_id] = k + 1
+            player = self.players.setdefault(r.episode_id,
+                                             registry.make_player("wordle", "strong", r.role, self.ep))
+            strong = player(list(r.messages))
+            texts.append("no idea, sorry" if r.episode_id % 2 == 0 and k >= 1 else strong)
+        prompts = [self.tok.encode_chat(list(r.messages), add_generation_prompt=True).ids for r in reqs]
+        replies = [list(self.tok.encode(t)) for t in texts]
+        self.last = PolicyOutput(texts, prompts, replies, [[-1.0] * len(x) for x in replies],
+                                 [False] * len(reqs))
+        return texts
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_abort_turn_credit_trains_only_the_reply_that_broke_the_rules(tiny, merge):
+    ep = registry.instances("wordle", "train", 0)[0]
+    ro = {}
+    for credit in ("episode", "abort_turn"):
+        c = _config(**{"games.names": "wordle", "grpo.credit": credit, "grpo.merge_turns": merge,
+                       "batch.max_seq_len": 4096, "grpo.drop_zero_variance": False})
+        ro[credit] = grpo.collect([[ep]], c, 0, _BreaksAtSecondGuess(tiny.tokenizer, ep), None, "all",
+                                  RewardConfig("quality", 0.5), env_partner="strong")
+    by_credit = {k: [(f, t) for f, t in v.finished] for k, v in ro.items()}
+    aborted = [(f, t) for f, t in by_credit["abort_turn"] if f.episode_scores.get("Aborted")]
+    played = [(f, t) for f, t in by_credit["abort_turn"] if not f.episode_scores.get("Aborted")]
+    # the even episodes break at their second guess, the odd ones play to the end
+    assert len(aborted) == 4 and len(played) == 4
+    assert all(len(t) == 2 for _, t in aborted) and all(len(t) >= 2 for _, t in played)
+    for f, t in aborted:
+        assert grpo.credited_turns(f, t, "abort_turn") == [False, True]
+        assert grpo.credited_turns(f, t, "episode") == [True, True]
+    for f, t in played:
+        assert grpo.credited_turns(f, t, "abort_turn") == [True] * len(t)
+    # had the last answered request been the partner's, no learner turn would carry the blame
+    f, t = aborted[0]
+    partner_broke = dataclasses.replace(f, turns=f.turns[:-1] + [dataclasses.replace(f.turns[-1],
+                                                                                      learner=False)])
+    assert grpo.credited_turns(partner_broke, t, "abort_turn") == [False, False]
+
+    def trained(r):   # the replies' token ids the loss counts, by the sign of their advantage
+        out = {"neg": [], "pos": []}
+        for s in r.sequences:
+            ids = tuple(x for x, m in zip(s.tokens, s.loss_mask) if m)
+            out["neg" if s.advantage < 0 else "pos"].append(ids)
+        return out
+
+    bad = tuple(tiny.tokenizer.encode("no idea, sorry"))
+    episode, blame = trained(ro["episode"]), trained(ro["abort_turn"])
+    # the played episodes' turns train alike under both; under "abort_turn" an aborted episode
+    # trains its breaking reply alone, under "episode" its valid first guess too
+    assert sorted(episode["pos"]) == sorted(blame["pos"]) and blame["pos"]
+    assert blame["neg"] == [bad] * 4
+    first_guesses = sum(len(t[0].tokens) for _, t in aborted)
+    assert sum(map(len, episode["neg"])) == sum(map(len, blame["neg"])) + first_guesses > 0
+    m = ro["abort_turn"].metrics
+    assert m["context_turns"] == 4 and "context_turns" not in ro["episode"].metrics
+    assert ro["abort_turn"].metrics["rows"] == ro["episode"].metrics["rows"] - 4
+    # the advantages are the episode-level ones either way
+    fin = ro["abort_turn"].finished
+    adv = losses.group_advantages(np.asarray([f.reward for f, _ in fin], np.float32),
+                                  np.asarray([f.tag for f, _ in fin]))
+    want = {round(float(a), 5) for (f, _), a in zip(fin, adv) if f.episode_scores.get("Aborted")}
+    assert {round(float(s.advantage), 5) for s in ro["abort_turn"].sequences if s.advantage < 0} == want
+
+
+def test_credit_setting_is_checked():
+    with pytest.raises(ConfigError, match="grpo.credit"):
+        _config(**{"grpo.credit": "turn"})
 
 
 # ----- beta = 0 ------------------------------------------------------------------------------------

@@ -378,6 +378,29 @@ def test_grpo_with_auxiliary_sft_fits_the_demonstrations(tiny_dir, tmp_path):
     assert updated[-1]["aux_nll"] < 0.5 * updated[0]["aux_nll"], [round(m["aux_nll"], 3) for m in updated]
 
 
+def test_rollout_only_grpo_is_a_control_on_the_same_draws(tiny_dir, tmp_path):
+    """grpo.rollout_only: each step's rollouts are played and logged as in training, from the
+    starting weights, which it never changes; a training run with the same seed plays the same
+    first step (same policy, same draws and keys) and then moves away from it."""
+    common = {"steps": 3, "grpo.group_size": 4, "grpo.groups_per_step": 2, "optimizer.learning_rate": 0.03,
+              "eval.at_start": False, "export.hf": True, "games.learner_roles": "all"}
+    control, trained = tmp_path / "control", tmp_path / "trained"
+    assert train_main.main(_args(tiny_dir, control, **common, **{"grpo.rollout_only": True})) == 0
+    assert train_main.main(_args(tiny_dir, trained, **common)) == 0
+    c, t = _metrics(control), _metrics(trained)
+    assert [m["step"] for m in c] == [1, 2, 3]
+    assert all("loss" not in m and "episodes" in m for m in c) and all("loss" in m for m in t)
+    for k in ("reward", "played", "episodes", "learner_turns", "sampled_tokens"):
+        assert c[0][k] == t[0][k], k
+    start = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    kept = load_file(str(control / "hf" / "model.safetensors"))
+    moved = load_file(str(trained / "hf" / "model.safetensors"))
+    assert start.keys() == kept.keys() == moved.keys()
+    for k in start:
+        np.testing.assert_array_equal(kept[k], start[k])
+    assert any(not np.array_equal(moved[k], start[k]) for k in start)
+
+
 def test_resume_continues_exactly(tiny_dir, tmp_path):
     common = {"grpo.group_size": 4, "grpo.groups_per_step": 2, "optimizer.learning_rate": 0.03,
               "checkpoint.every": 2, "eval.at_start": False, "export.hf": True}
