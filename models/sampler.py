@@ -3,7 +3,8 @@
 Layout: prompts are LEFT-padded to a bucketed length P, so every row's prompt ends at slot P-1 and
 the decode step writes all rows at the same cache slot; padding carries segment id 0 and is never
 attended to. Batch size, P and the number of new tokens are rounded up to buckets, and each
-distinct (shapes, sampling mode) pair is compiled once (`Sampler.compile_count` counts them). On
+distinct (shapes, sampling mode) pair is compiled once (`Sampler.compile_count` counts them); the
+`max_executables` most recently used are kept. On
 CPU the cache grows during decoding, `cache_block` slots at a time (see `Sampler`).
 
 Sampling: temperature (0 = greedy), top-k, top-p, applied in that order. Each row draws from its
@@ -24,6 +25,7 @@ of a dialogue game does) prefills only the rest of each prompt (see `PrefixCache
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import weakref
@@ -257,6 +259,12 @@ class Sampler:
     {"xla_cpu_experimental_ynn_fusion_type": ""}); {}: none. Default: `default_xla_options` on
     CPU, which picks the dot kernels measured fastest for the host's vector extensions; none
     elsewhere. The options change kernels, not results beyond float rounding.
+    max_executables: how many compiled executables are kept, the least recently used dropped first
+    (a dropped shape compiles again when it comes back). Rollouts of many turns meet many (batch,
+    prompt, cache length) buckets; on CPU each executable of SmolLM2-135M maps 250-350 memory
+    regions for its code, and a long process that kept them all reached Linux's default limit of
+    65530 regions per process (`vm.max_map_count`), where compiling fails ("Cannot allocate
+    memory"). The default, 96, keeps that under half the limit.
     """
 
     def __init__(self, config: LlamaConfig, *, mesh: Optional[Mesh] = None, pad_id: int = 0,
@@ -264,7 +272,9 @@ class Sampler:
                  length_buckets: Sequence[int] = LENGTH_BUCKETS,
                  stop_check_every: int = 32, unstack_layers: Optional[bool] = None,
                  cache_block: Optional[int] = None, xla_options: Optional[dict] = None,
-                 split_prefill: bool = True):
+                 split_prefill: bool = True, max_executables: int = 96):
+        if max_executables < 1:
+            raise ValueError(f"sampler: max_executables must be >= 1, got {max_executables}")
         self.config = config
         # Decoding from per-layer arrays avoids slicing every layer's weights out of the stacked
         # arrays at each step (XLA:CPU materialises those slices).
@@ -294,11 +304,18 @@ class Sampler:
         self.cache_block = cache_block
         self.xla_options = None if xla_options is None else dict(xla_options)
         self.split_prefill = split_prefill
-        self._compiled: dict = {}
+        self.max_executables = int(max_executables)
+        self._compiled: collections.OrderedDict = collections.OrderedDict()   # least recently used first
+        self._compiles = 0
 
     @property
     def compile_count(self) -> int:
-        """How many executables (prefill or decode, one per shape/mode bucket) were compiled."""
+        """How many executables (prefill, decode and cache moves, one per shape/mode bucket) were
+        compiled, recompiles of dropped ones included."""
+        return self._compiles
+
+    @property
+    def kept_executables(self) -> int:
         return len(self._compiled)
 
     # --- shapes and shardings --------------------------------------------------------------
@@ -358,7 +375,12 @@ class Sampler:
         return default_xla_options(batch) if jax.default_backend() == "cpu" else {}
 
     def _compile(self, key, fn, *args, options: Optional[dict] = None, donate: tuple = ()):
-        if key not in self._compiled:
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+        else:
+            while len(self._compiled) >= self.max_executables:
+                self._compiled.popitem(last=False)
+            self._compiles += 1
             layout = None
             if self.mesh is not None:   # rows stay split over the data axes (see llama.activation_layout)
                 from playpen_jax import sharding

@@ -176,6 +176,23 @@ def test_same_bucket_does_not_recompile(params):
     assert sampler.compile_count == 5
 
 
+def test_least_recently_used_executables_are_dropped(params):
+    """max_executables bounds what a sampler keeps; a dropped shape compiles again and samples
+    the same tokens as a sampler that kept everything."""
+    calls = [([[1, 2, 3]], 8), ([[4] * 40, [5]], 20), ([[1, 2, 3]], 8), ([[6] * 70, [7], [8, 9]], 8)]
+    small, full = Sampler(CFG, max_executables=3), Sampler(CFG)
+    for prompts, n in calls:
+        a = small.generate(params, prompts, max_new_tokens=n, temperature=0)
+        b = full.generate(params, prompts, max_new_tokens=n, temperature=0)
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+        assert small.kept_executables <= 3
+    # the third call's shapes had been dropped by the second's and were compiled again
+    assert small.compile_count > full.compile_count == full.kept_executables
+    with pytest.raises(ValueError, match="max_executables"):
+        Sampler(CFG, max_executables=0)
+
+
 def test_new_token_buckets_do_not_share_decode_executables(params):
     """Two calls whose prompts and first cache block agree but whose max_new_tokens fall in
     different buckets hold output buffers of different lengths: each gets its own decode
