@@ -213,6 +213,19 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint: saving step {step} to {self.directory} failed: "
                                   f"{_one_line(e)}") from None
 
+    def prune(self, restored: Optional[int] = None) -> list[int]:
+        """Delete the complete checkpoints beyond the `keep` newest, as `save` does once it has committed
+        a step, and return the deleted steps. A process killed between that commit and the deletion
+        leaves one checkpoint too many; a resumed run calls this after `restore`, since a run that
+        resumes at its last step saves nothing more. Steps at or after `restored` (the step a run
+        continues from, possibly older than unreadable newer ones) are never deleted."""
+        steps = self.steps()
+        newest = set(steps[-self.keep:])
+        doomed = [s for s in steps if s not in newest and (restored is None or s < restored)]
+        for step in doomed:
+            self._manager.delete(step)
+        return doomed
+
     # -- restoring -------------------------------------------------------------------------------
 
     def restore(self, abstract_state, step: Optional[int] = None):

@@ -261,6 +261,7 @@ class Run:
                            f"--config.resume=true to continue that run, or choose another run_dir")
         if c.resume and latest is not None:
             state, meta, step = self.ckpt.restore(self.abstract)
+            self.ckpt.prune(restored=step)
             saved = meta.get("config", {})
             changes = _diff(saved, c.to_dict())
             if changes:

@@ -127,6 +127,27 @@ def test_keep_two_keeps_the_last_two(tmp_path, mesh24):
     assert_same_values(restored, make_state(mesh24, seed=3))
 
 
+def test_prune_deletes_beyond_keep_but_not_from_the_restored_step_on(tmp_path, mesh24):
+    # three checkpoints where keep=2 allows two: what a kill between a commit and the deletion of the
+    # oldest leaves
+    with Checkpointer(str(tmp_path), keep=3) as ck:
+        for step in (1, 2, 3, 4):
+            ck.save(step, make_state(mesh24, seed=step), {"v": step})
+        assert ck.steps() == [2, 3, 4]
+    with Checkpointer(str(tmp_path), keep=2) as ck:
+        # the run continues from step 2 (newer ones unreadable, say): nothing at or after it goes
+        assert ck.prune(restored=2) == [] and ck.steps() == [2, 3, 4]
+        assert ck.prune(restored=4) == [2] and ck.steps() == [3, 4]
+        assert ck.prune() == [] and ck.steps() == [3, 4]
+    on_disk = sorted(int(name) for name in os.listdir(tmp_path) if name.isdigit())
+    assert on_disk == [3, 4]
+    with Checkpointer(str(tmp_path), keep=1) as ck:
+        assert ck.prune() == [3] and ck.steps() == [4]
+        restored, meta, step = ck.restore(abstract_on(mesh24, make_state(mesh24)))
+    assert (step, meta) == (4, {"v": 4})
+    assert_same_values(restored, make_state(mesh24, seed=4))
+
+
 def test_saving_an_existing_step_replaces_it(tmp_path, mesh24):
     with Checkpointer(str(tmp_path)) as ck:
         ck.save(5, make_state(mesh24, seed=1), {"v": 1})

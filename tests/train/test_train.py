@@ -416,6 +416,13 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
     assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4]
     assert [m["reward"] for m in _metrics(split)] == [m["reward"] for m in _metrics(straight)]
+    # a finished run holding more checkpoints than `keep` (as one killed between a checkpoint's commit
+    # and the deletion of the oldest does) is pruned on resume, with nothing trained again
+    assert sorted(os.listdir(split / "checkpoints")) == ["2", "4"]
+    assert train_main.main(_args(tiny_dir, split, steps=4, resume=True, **common,
+                                 **{"checkpoint.keep": 1})) == 0
+    assert os.listdir(split / "checkpoints") == ["4"]
+    assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4]
     # log.plots off (the tests' default): no curves.png, no per-evaluation clemscore.png
     assert not (split / "curves.png").exists() and not list(split.rglob("clemscore.png"))
 
