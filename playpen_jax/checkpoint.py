@@ -223,7 +223,11 @@ class Checkpointer:
         newest = set(steps[-self.keep:])
         doomed = [s for s in steps if s not in newest and (restored is None or s < restored)]
         for step in doomed:
-            self._manager.delete(step)
+            try:
+                self._manager.delete(step)
+            except OSError as e:
+                raise CheckpointError(f"checkpoint: deleting old step {step} in {self.directory} failed: "
+                                      f"{_one_line(e)}") from None
         return doomed
 
     # -- restoring -------------------------------------------------------------------------------
