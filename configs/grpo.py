@@ -47,5 +47,8 @@ def get_config() -> ConfigDict:
     # PPO-ptx mixes pretraining data into RL: keeps the answer formats SFT taught while GRPO moves
     # the policy. 0: pure GRPO.
     c.grpo.sft_coef = 0.0
+    # the games whose demonstration chats the SFT term trains on ("" = games.names): e.g. GRPO on
+    # the games that give it a signal, while the SFT term keeps the formats of all training games
+    c.grpo.sft_games = ""
     c.sft = sft_section()
     return c

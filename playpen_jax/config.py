@@ -280,6 +280,13 @@ def validate(c: ConfigDict) -> ConfigDict:
                  "grpo.ratio_level", c.grpo.ratio_level,
                  "'sequence' (GSPO) averages over sequences: use grpo.aggregation=sequence-mean")
         _num(c, "grpo.sft_coef", lo=0)
+        _require(isinstance(c.grpo.sft_games, str), "grpo.sft_games", c.grpo.sft_games,
+                 "must be '' (games.names) or game names")
+        if c.grpo.sft_games.strip():
+            try:
+                registry.resolve_names(c.grpo.sft_games)
+            except GameError as e:
+                raise ConfigError(f"config.grpo.sft_games: {e}") from None
     if c.method == "sft" or (c.method == "grpo" and c.grpo.sft_coef > 0):
         _require(isinstance(c.sft.source, str) and c.sft.source != "", "sft.source", c.sft.source,
                  "must be 'strong' or a records directory")

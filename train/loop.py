@@ -622,7 +622,7 @@ def _method_setup(r: Run):
         sft_coef = float(c.grpo.sft_coef)
         demos = None
         if sft_coef > 0 and not c.grpo.rollout_only:   # the auxiliary SFT term's demonstrations
-            demos, info = sft.build_dataset(c, r.model.tokenizer)
+            demos, info = sft.build_dataset(c, r.model.tokenizer, names=c.grpo.sft_games.strip() or None)
             sft_fn = sft.make_loss_fn(r.mcfg)
             if r.is_main:
                 print(f"grpo: auxiliary SFT (coef {sft_coef:g}) on {info['rows']} rows from "

@@ -92,9 +92,10 @@ def record_episodes(root: str, games: set) -> list:
     return masters
 
 
-def build_dataset(c: ConfigDict, tokenizer) -> tuple[list, dict]:
-    """The SFT rows and a summary (episodes, kept, rows, dropped)."""
-    games = registry.resolve_names(c.games.names)
+def build_dataset(c: ConfigDict, tokenizer, names: str | None = None) -> tuple[list, dict]:
+    """The SFT rows and a summary (episodes, kept, rows, dropped), of the games `names`
+    (default: `games.names`)."""
+    games = registry.resolve_names(names or c.games.names)
     learner_roles = parse_roles(c.games.learner_roles, games)
     if c.sft.source == "strong":
         masters = strong_episodes(games, int(c.sft.episodes_per_game), int(c.seed))

@@ -56,6 +56,8 @@ def _metrics(run_dir, split="train"):
     (["--config=configs/grpo.py", "--config.grpo.sft_coef=-1"], "grpo.sft_coef"),
     (["--config=configs/grpo.py", "--config.grpo.sft_coef=0.5", "--config.sft.batch_size=0"],
      "sft.batch_size"),
+    (["--config=configs/grpo.py", "--config.grpo.sft_coef=0.5", "--config.grpo.sft_games=nogame"],
+     "grpo.sft_games"),
 ])
 def test_bad_configs_give_one_clear_error(argv, needle, capsys):
     assert train_main.main(argv) == 2
@@ -376,6 +378,22 @@ def test_grpo_with_auxiliary_sft_fits_the_demonstrations(tiny_dir, tmp_path):
         assert m["loss"] == pytest.approx(m["main_loss"] + 2.0 * m["aux_loss"], rel=1e-4, abs=1e-5)
         assert m["aux_tokens"] > 0
     assert updated[-1]["aux_nll"] < 0.5 * updated[0]["aux_nll"], [round(m["aux_nll"], 3) for m in updated]
+
+
+def test_grpo_sft_games_choose_the_demonstrations_apart_from_the_played_games(tiny_dir, tmp_path, capsys):
+    """grpo.sft_games: the SFT term's chats come from those games while GRPO plays games.names;
+    empty, they come from games.names."""
+    common = {"steps": 1, "grpo.group_size": 2, "grpo.groups_per_step": 1, "grpo.sft_coef": 1.0,
+              "sft.episodes_per_game": 3, "sft.batch_size": 2, "eval.at_start": False, "export.hf": False,
+              "batch.max_seq_len": 1024}
+    assert train_main.main(_args(tiny_dir, tmp_path / "own", **common)) == 0
+    err = capsys.readouterr().err
+    assert "from 3 of 3 episodes" in err, err[-2000:]
+    argv = _args(tiny_dir, tmp_path / "more", **common, **{"grpo.sft_games": "colourname,referencegame"})
+    assert train_main.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "from 6 of 6 episodes" in err, err[-2000:]
+    assert [m["step"] for m in _metrics(tmp_path / "more")] == [1]
 
 
 def test_rollout_only_grpo_is_a_control_on_the_same_draws(tiny_dir, tmp_path):
