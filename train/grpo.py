@@ -75,22 +75,33 @@ class Rollouts:
     metrics: dict
 
 
-def episode_metrics(finished) -> dict:
-    """reward, % played, quality (Main Score of played episodes), success rate of episodes."""
+def episode_metrics(finished, per_game: bool = False) -> dict:
+    """reward, % played, quality (Main Score of played episodes), success rate of episodes; with
+    `per_game`, also each game's `episodes_<game>`, `played_<game>` and `success_<game>` (a step
+    draws its games at random, so the overall numbers mix games of very different difficulty)."""
     if not finished:
         return {}
     rewards = [f.reward for f, _ in finished]
     es = [f.episode_scores for f, _ in finished]
     aborted = [bool(e.get(METRIC_ABORTED)) for e in es]
+    won = [bool(e.get(METRIC_SUCCESS)) for e in es]
     quals = [e.get("Main Score") for e, a in zip(es, aborted) if not a]
     quals = [q for q in quals if q is not None and not (isinstance(q, float) and math.isnan(q))]
-    return {
+    out = {
         "episodes": len(finished),
         "reward": float(np.mean(rewards)),
         "played": 100.0 * (1.0 - float(np.mean(aborted))),
         "quality": float(np.mean(quals)) if quals else float("nan"),
-        "success": float(np.mean([bool(e.get(METRIC_SUCCESS)) for e in es])),
+        "success": float(np.mean(won)),
     }
+    if per_game:
+        games = [f.episode.game for f, _ in finished]
+        for g in sorted(set(games)):
+            idx = [i for i, x in enumerate(games) if x == g]
+            out[f"episodes_{g}"] = len(idx)
+            out[f"played_{g}"] = 100.0 * (1.0 - float(np.mean([aborted[i] for i in idx])))
+            out[f"success_{g}"] = float(np.mean([won[i] for i in idx]))
+    return out
 
 
 def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
@@ -219,7 +230,7 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
             seqs.extend(s for t in turns if t is not None for s in buffers.chat_sequences([t], **scalars))
     fitting, _ = buffers.split_fitting(seqs, int(c.batch.max_seq_len))
     dropped = sum(s.turns for s in seqs if len(s.tokens) > int(c.batch.max_seq_len))   # turns, not rows
-    m = episode_metrics(finished)
+    m = episode_metrics(finished, per_game=True)
     mine_flat = sum(1 for gid in {int(f.tag) for f, _ in finished} if gid in flat)
     m.update({"learner_turns": sum(len(t) for _, t in finished), "rows": sum(s.turns for s in fitting),
               "sequences": len(fitting), "sequence_tokens": int(sum(len(s.tokens) for s in fitting)),

@@ -440,25 +440,30 @@ def _global_rollout_metrics(r: Run, ro) -> dict:
     from games.core import BENCH_SCORE, METRIC_ABORTED, METRIC_SUCCESS
 
     most = int(distributed.allgather(np.int32(len(ro.finished))).max())   # refills vary per shard
-    stats = np.zeros((most, 5))   # valid, reward, aborted, main score (nan: none), success
+    names = sorted(r.games)
+    stats = np.zeros((most, 6))   # valid, reward, aborted, main score (nan: none), success, game
     for row, (f, _) in zip(stats, ro.finished):
         es = f.episode_scores
         q = es.get(BENCH_SCORE)
         row[:] = (1.0, f.reward, bool(es.get(METRIC_ABORTED)), np.nan if q is None else float(q),
-                  bool(es.get(METRIC_SUCCESS)))
+                  bool(es.get(METRIC_SUCCESS)), names.index(f.episode.game))
     gathered = distributed.allgather(np.concatenate([[r.shard], stats.reshape(-1)]))
     per_shard = {}
     for x in gathered:   # processes of one shard played the same episodes
-        per_shard.setdefault(int(x[0]), x[1:].reshape(most, 5))
+        per_shard.setdefault(int(x[0]), x[1:].reshape(most, 6))
     episodes = []
     for k in sorted(per_shard):
-        for valid, reward, aborted, q, success in per_shard[k]:
+        for valid, reward, aborted, q, success, game in per_shard[k]:
             if valid:
                 scores = {METRIC_ABORTED: bool(aborted), BENCH_SCORE: None if np.isnan(q) else float(q),
                           METRIC_SUCCESS: bool(success)}
-                episodes.append((types.SimpleNamespace(reward=float(reward), episode_scores=scores), None))
-    out = grpo.episode_metrics(episodes)
-    counts = sorted(k for k in ro.metrics if k not in ("episodes", "reward", "played", "quality", "success"))
+                ep = types.SimpleNamespace(game=names[int(game)])
+                episodes.append((types.SimpleNamespace(reward=float(reward), episode_scores=scores,
+                                                       episode=ep), None))
+    out = grpo.episode_metrics(episodes, per_game=True)
+    # the counts, summed over shards; every shard has the same keys (the per-game ones, which a
+    # shard has only for the games it played, are recomputed above from every shard's episodes)
+    counts = sorted(k for k in ro.metrics if k not in out)
     out.update({k: int(v) for k, v in zip(counts, r.global_sum([ro.metrics[k] for k in counts]))})
     return out
 

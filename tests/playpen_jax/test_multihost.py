@@ -300,8 +300,10 @@ def test_grpo_run_on_two_processes_equals_one(tiny_dir, tmp_path):
         assert (m["rows"] + m["dropped_long"] + m["dropped_zero_variance"] + m["dropped_surplus"]
                 == m["learner_turns"])
         for key in ("reward", "success", "played", "rows", "zero_variance_groups", "batch_rows",
-                    "groups_played", "dropped_surplus"):
+                    "groups_played", "dropped_surplus", "episodes_colourname", "played_colourname",
+                    "success_colourname"):
             assert m.get(key) == a.get(key), (m["step"], key)
+        assert m["episodes_colourname"] == m["episodes"] and m["success_colourname"] == m["success"]
         if "loss" in a:
             assert m["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
             assert m["aux_nll"] == pytest.approx(a["aux_nll"], rel=1e-4) and m["aux_nll"] > 0

@@ -396,6 +396,29 @@ def test_grpo_sft_games_choose_the_demonstrations_apart_from_the_played_games(ti
     assert [m["step"] for m in _metrics(tmp_path / "more")] == [1]
 
 
+def test_grpo_step_metrics_break_the_episodes_down_by_game(tiny_dir, tmp_path):
+    """A step's rollout metrics give each game's episodes, % played and success rate beside the
+    overall ones, which they add up to."""
+    run = tmp_path / "two_games"
+    argv = _args(tiny_dir, run, **{"steps": 2, "grpo.group_size": 2, "grpo.groups_per_step": 4,
+                                   "games.names": "colourname,wordle", "eval.at_start": False,
+                                   "export.hf": False, "rollout.temperature": 1.0})
+    assert train_main.main(argv) == 0
+    ms = _metrics(run)
+    seen = set()
+    for m in ms:
+        games = sorted(k[len("episodes_"):] for k in m if k.startswith("episodes_"))
+        assert games and set(games) <= {"colourname", "wordle"}, sorted(m)
+        seen.update(games)
+        n = [m[f"episodes_{g}"] for g in games]
+        assert sum(n) == m["episodes"] and all(x % 2 == 0 for x in n)   # whole groups of 2
+        for key in ("played", "success"):
+            mean = sum(m[f"{key}_{g}"] * k for g, k in zip(games, n)) / m["episodes"]
+            assert mean == pytest.approx(m[key]), (m["step"], key)
+        assert all(0 <= m[f"played_{g}"] <= 100 and 0 <= m[f"success_{g}"] <= 1 for g in games)
+    assert seen == {"colourname", "wordle"}
+
+
 def test_rollout_only_grpo_is_a_control_on_the_same_draws(tiny_dir, tmp_path):
     """grpo.rollout_only: each step's rollouts are played and logged as in training, from the
     starting weights, which it never changes; a training run with the same seed plays the same
