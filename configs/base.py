@@ -90,6 +90,8 @@ def get_base_config(method: str) -> ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.batch_size = 32       # prompts per sampler call
     c.rollout.prefix_cache = True   # a turn prefills only what its prompt adds to the last turn's
+    c.rollout.prefix_cache_gb = 0.0  # bound on the caches kept for it; 0 = a quarter of the memory
+    #                                  of the devices sampled on (host memory on CPU)
 
     # A partner "openai:MODEL" is served at $OPENAI_BASE_URL with the key $OPENAI_API_KEY (both read
     # from the environment only, never written to the run directory); models/remote.py.

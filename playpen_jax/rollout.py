@@ -9,7 +9,10 @@ fit the model's context gets an empty reply, which the game scores by its own ru
 Each turn of a game prompts with the whole chat so far, so a policy keeps the KV cache of its last
 calls (`models.sampler.PrefixCache`) and prefills only what a prompt adds to a kept row: the reply
 as the chat template wraps it and the next message. `play` empties it when the episodes end (and a
-call with other params does). `prefix_cache=False` prefills every prompt whole.
+call with other params does). `prefix_cache=False` prefills every prompt whole. The kept caches
+are bounded in bytes (`prefix_cache_bytes`; default a quarter of the memory of the devices the
+sampler runs on, the host's on CPU): a game played by many episodes at once keeps one cache per
+sampler call of a turn, and a call's cache can be GBs.
 
 `play(env, learner, partner)` runs a `games.env.BatchedGameEnv` to the end: at every step all
 pending learner requests of all live episodes go to the learner policy in one call (and the
@@ -32,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from models import generate as gen
-from models.sampler import PrefixCache
+from models.sampler import PrefixCache, memory_bytes
 
 
 @dataclasses.dataclass
@@ -47,7 +50,8 @@ class PolicyOutput:
 class ModelPolicy:
     def __init__(self, model, *, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 32, sampler=None,
-                 strip: bool = True, params=None, prefix_cache: bool = True):
+                 strip: bool = True, params=None, prefix_cache: bool = True,
+                 prefix_cache_bytes: Optional[int] = None):
         self.model = model
         self.params = model.params if params is None else params
         self.sampler = sampler or gen.make_sampler(model)
@@ -59,7 +63,13 @@ class ModelPolicy:
         self._calls = 0
         self.last: Optional[PolicyOutput] = None
         self.limit = int(model.config.max_position_embeddings)
-        self.prefix_cache = PrefixCache() if prefix_cache else None
+        self.prefix_cache = None
+        if prefix_cache:
+            if prefix_cache_bytes is None:
+                mesh = getattr(self.sampler, "mesh", None)
+                total = memory_bytes(mesh.devices.flat if mesh is not None else None)
+                prefix_cache_bytes = None if total is None else total // 4
+            self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
 
     def forget(self) -> None:
         """Frees the KV caches kept for the next turn's prompts."""

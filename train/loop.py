@@ -210,8 +210,10 @@ class Run:
     # ----- processes --------------------------------------------------------------------------
     def make_policy(self, **kwargs) -> RolloutPolicy:
         r = self.c.rollout
+        gb = float(r.get("prefix_cache_gb", 0.0))
         return RolloutPolicy(self.model, convert=self.rollout_params, batch_size=r.batch_size,
-                             sampler=self.sampler, prefix_cache=bool(r.get("prefix_cache", True)), **kwargs)
+                             sampler=self.sampler, prefix_cache=bool(r.get("prefix_cache", True)),
+                             prefix_cache_bytes=int(gb * 2**30) if gb > 0 else None, **kwargs)
 
     def rollout_params(self, params):
         """`params` as this process samples from them: the arrays themselves with one process; with

@@ -322,6 +322,67 @@ def test_prefix_cache_matches_the_longest_common_prefix():
         PrefixCache(max_entries=0)
 
 
+def test_a_long_prefill_takes_its_queries_in_blocks_and_samples_the_same(params, monkeypatch):
+    """With a bound on the attention scores' bytes that the prompts exceed, the prefill (whole,
+    chunked and continuing a kept cache) attends block by block and samples what it does whole."""
+    rng = np.random.default_rng(7)
+    prompts = [list(rng.integers(3, 250, size=n)) for n in (150, 40, 90)]
+    kw = dict(max_new_tokens=5, temperature=0.8, rng=jax.random.PRNGKey(4))
+    whole = Sampler(CFG).generate(params, prompts, **kw)
+    calls = []
+    attention = llama._attention
+
+    def counted(q, *a, **k):
+        calls.append((q.shape[1], k.get("split", True)))
+        return attention(q, *a, **k)
+
+    monkeypatch.setattr(llama, "_attention", counted)
+    monkeypatch.setattr(llama, "SCORES_BYTES", 1 << 12)
+    cache = PrefixCache(min_tokens=4)
+    blocked = Sampler(CFG, cache_block=4)
+    a = blocked.generate(params, prompts, prefix_cache=cache, **kw)
+    assert np.array_equal(a.tokens, whole.tokens) and np.abs(a.logprobs - whole.logprobs).max() <= 1e-5
+    assert any(not split and t > 1 for t, split in calls)   # attended in blocks
+    follow = [p + a.row(i) + [5, 6, 7] for i, p in enumerate(prompts)]
+    b = blocked.generate(params, follow, prefix_cache=cache, **kw)
+    monkeypatch.setattr(llama, "SCORES_BYTES", 1 << 40)
+    c = Sampler(CFG).generate(params, follow, **kw)
+    assert cache.reused_tokens > 250
+    assert np.array_equal(b.tokens, c.tokens) and np.abs(b.logprobs - c.logprobs).max() <= 1e-5
+
+
+def test_prefix_cache_keeps_within_max_bytes(params):
+    """A bound in bytes drops the least recently used kept calls, the new one too when it alone is
+    larger; a prompt whose kept rows were dropped is prefilled whole and samples the same."""
+    sampler = Sampler(CFG)
+    kw = dict(max_new_tokens=4, temperature=0)
+    prompts = [list(range(3, 40)), list(range(50, 60))]
+    others = [list(range(100, 130)), list(range(140, 150))]   # a call nobody continues
+    probe = PrefixCache(min_tokens=2)
+    out = sampler.generate(params, prompts, prefix_cache=probe, **kw)
+    one = probe.nbytes
+    assert one == sum(x.nbytes for x in jax.tree_util.tree_leaves(probe.entries[0][0])) > 0
+    follow = [p + out.row(i) + [7, 8] for i, p in enumerate(prompts)]
+    full = sampler.generate(params, follow, **kw)
+
+    roomy = PrefixCache(min_tokens=2, max_bytes=2 * one)
+    tight = PrefixCache(min_tokens=2, max_bytes=one + one // 2)
+    for cache in (roomy, tight):
+        sampler.generate(params, prompts, prefix_cache=cache, **kw)
+        sampler.generate(params, others, prefix_cache=cache, **kw)
+    assert (len(roomy.entries), roomy.dropped, roomy.nbytes) == (2, 0, 2 * one)
+    assert (len(tight.entries), tight.dropped, tight.nbytes) == (1, 1, one)   # the first call's went
+    for cache, reused in ((roomy, sum(len(p) - 2 for p in follow)), (tight, 0)):
+        a = sampler.generate(params, follow, prefix_cache=cache, **kw)
+        assert cache.reused_tokens == reused
+        assert np.array_equal(a.tokens, full.tokens) and np.abs(a.logprobs - full.logprobs).max() <= 1e-5
+    nothing = PrefixCache(min_tokens=2, max_bytes=0)
+    a = sampler.generate(params, prompts, prefix_cache=nothing, **kw)
+    assert not nothing.entries and nothing.dropped == 1 and np.array_equal(a.tokens, out.tokens)
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixCache(max_bytes=-1)
+
+
 def test_prefix_cache_is_emptied_by_other_params(params):
     cache = PrefixCache(min_tokens=2)
     sampler = Sampler(CFG)

@@ -86,3 +86,21 @@ def test_a_turn_prefills_only_what_the_chat_added(tiny_model):
                          learner_roles="all", partner="strong", seed=11)
     play(env, cached)
     assert not cached.prefix_cache.entries
+
+
+def test_the_kept_caches_are_bounded_in_bytes(tiny_model):
+    """By default a quarter of the memory the sampler's devices have (the host's, on CPU); a bound
+    given in bytes, e.g. none, is kept to, and the replies are the same."""
+    import os
+
+    from models.sampler import memory_bytes
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory_bytes() == host > 0
+    assert ModelPolicy(tiny_model).prefix_cache.max_bytes == host // 4
+    chats = [[{"role": "user", "content": f"Name colour number {i}, please."}] for i in range(3)]
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=5)
+    roomy, none = ModelPolicy(tiny_model, **kw), ModelPolicy(tiny_model, prefix_cache_bytes=0, **kw)
+    assert roomy(chats, seeds=[1, 2, 3]) == none(chats, seeds=[1, 2, 3])
+    assert roomy.prefix_cache.entries and roomy.prefix_cache.nbytes > 0
+    assert not none.prefix_cache.entries and none.prefix_cache.dropped == 1

@@ -51,6 +51,7 @@ def _metrics(run_dir, split="train"):
     (["--config=configs/dpo.py", "--config.dpo.branches=1", "--config.dpo.teacher_branches=0"],
      "at least 2"),
     (["--config=configs/grpo.py", "--config.rollout.top_p=0"], "rollout.top_p"),
+    (["--config=configs/grpo.py", "--config.rollout.prefix_cache_gb=-1"], "rollout.prefix_cache_gb"),
     (["--config=configs/grpo.py", "--config.games.names=nogame"], "unknown game"),
     (["--config=configs/grpo.py", "stray"], "unexpected argument"),
     (["--config=configs/grpo.py", "--config.grpo.sft_coef=-1"], "grpo.sft_coef"),
@@ -612,3 +613,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
                                       "resume": True})
     assert train_main.main(resumed) == 0
     assert [m["step"] for m in _metrics(run)] == list(range(1, step + 2))
+
+
+def test_rollout_prefix_cache_gb_bounds_every_policys_kept_caches(tiny_dir, tmp_path):
+    from playpen_jax.config import parse
+    from train import loop
+
+    run = loop.Run(validate(parse(_args(tiny_dir, str(tmp_path / "run"), **{
+        "games.partner": "reference", "rollout.prefix_cache_gb": 0.5}))))
+    try:
+        for policy in (run.policy, run.partner_policy, run.make_policy(max_new_tokens=4)):
+            assert policy.prefix_cache.max_bytes == 2 ** 29
+    finally:
+        run.close()
