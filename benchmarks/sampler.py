@@ -3,6 +3,7 @@
     python -m benchmarks.sampler                      # embedded SmolLM2-135M-Instruct, f32, CPU
     python -m benchmarks.sampler --preset=llama-3.2-1b --dtype=bfloat16 --batches=1,8,32,64
     python -m benchmarks.sampler --matmul_dtype=bfloat16   # f32 activations, bf16 weight matmuls
+    python -m benchmarks.sampler --cache_dtype=bfloat16    # f32 activations, bf16 KV cache
 
 Every engine decodes greedily exactly `--new_tokens` tokens (EOS ignored) after the same chat
 prompt, repeated `batch` times; time includes prefill. Peers: transformers `generate` (torch, same
@@ -84,6 +85,8 @@ def main(argv=None):
     p.add_argument("--unstack_layers", default="", choices=("", "true", "false"),
                    help="ours decodes from per-layer fused weights (default: the sampler's, "
                         "true on CPU and GPU)")
+    p.add_argument("--cache_dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="ours stores its KV cache in this dtype (auto: the activation dtype)")
     p.add_argument("--xla_options", default=None,
                    help="ours compiles its decode with these XLA options, as JSON, e.g. "
                         "'{\"xla_cpu_experimental_ynn_fusion_type\": \"\"}'; '{}': none "
@@ -134,6 +137,8 @@ def main(argv=None):
         variant.append(f"unstack_layers={args.unstack_layers}")
     if xla_options is not None:
         variant.append(f"xla_options={json.dumps(xla_options)}")
+    if args.cache_dtype != "auto":
+        variant.append(f"{args.cache_dtype} KV cache")
     if variant:
         name += f" [ours: {', '.join(variant)}]"
     peer_batches = [int(b) for b in args.peer_batches.split(",")]
@@ -162,7 +167,7 @@ def main(argv=None):
     # machine's speed affects both sides of a ratio alike.
     sampler = Sampler(cfg, pad_id=0, cache_block=args.cache_block,
                       unstack_layers={"": None, "true": True, "false": False}[args.unstack_layers],
-                      xla_options=xla_options)
+                      xla_options=xla_options, cache_dtype=args.cache_dtype)
     rows = {}
     for b in batches:
         run = lambda: sampler.generate(ours, [prompt] * b, max_new_tokens=n_new,  # noqa: E731

@@ -92,6 +92,8 @@ def get_base_config(method: str) -> ConfigDict:
     c.rollout.prefix_cache = True   # a turn prefills only what its prompt adds to the last turn's
     c.rollout.prefix_cache_gb = 0.0  # bound on the caches kept for it; 0 = a quarter of the memory
     #                                  of the devices sampled on (host memory on CPU)
+    c.rollout.cache_dtype = "auto"  # KV cache storage: "auto" (= model.dtype) | "bfloat16" (half the
+    #                                 memory under float32 activations) | "float32"
 
     # A partner "openai:MODEL" is served at $OPENAI_BASE_URL with the key $OPENAI_API_KEY (both read
     # from the environment only, never written to the run directory); models/remote.py.

@@ -301,6 +301,20 @@ def _choose(logits, row_keys, step, temperature, top_p_value, *, greedy, top_k, 
     return token, jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - log_z
 
 
+def _cache_dtype(name, config: LlamaConfig):
+    """The KV cache dtype for `name` (None, "" or "auto": the activation dtype)."""
+    if name is None or (isinstance(name, str) and name in ("", "auto")):
+        return jnp.dtype(config.jnp_dtype)
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"sampler: cache_dtype must be a floating dtype such as 'bfloat16' or "
+                         f"'float32', got {name!r}")
+    return dtype
+
+
 class Sampler:
     """Samples continuations of token-id prompts with a fixed model config.
 
@@ -340,10 +354,11 @@ class Sampler:
                  length_buckets: Sequence[int] = LENGTH_BUCKETS,
                  stop_check_every: int = 32, unstack_layers: Optional[bool] = None,
                  cache_block: Optional[int] = None, xla_options: Optional[dict] = None,
-                 split_prefill: bool = True, max_executables: int = 96):
+                 split_prefill: bool = True, max_executables: int = 96, cache_dtype=None):
         if max_executables < 1:
             raise ValueError(f"sampler: max_executables must be >= 1, got {max_executables}")
         self.config = config
+        self.cache_dtype = _cache_dtype(cache_dtype, config)
         # Decoding from per-layer arrays avoids slicing every layer's weights out of the stacked
         # arrays at each step (XLA:CPU materialises those slices).
         if unstack_layers is None:
@@ -472,7 +487,8 @@ class Sampler:
         config, shardings = self.config, self._cache_shardings()
 
         def prefill(params, tokens, positions, segments):
-            cache = llama.init_cache(config, tokens.shape[0], cache_len, per_layer=self.unstack)
+            cache = llama.init_cache(config, tokens.shape[0], cache_len, self.cache_dtype,
+                                     per_layer=self.unstack)
             if shardings is not None:
                 cache = jax.lax.with_sharding_constraint(cache, shardings)
             # the LM head at the last position only: at every position it is about a fifth of a
@@ -582,7 +598,7 @@ class Sampler:
         config, shardings = self.config, self._cache_shardings()
 
         def empty():
-            cache = llama.init_cache(config, batch, cache_len, per_layer=self.unstack)
+            cache = llama.init_cache(config, batch, cache_len, self.cache_dtype, per_layer=self.unstack)
             if shardings is not None:
                 cache = jax.lax.with_sharding_constraint(cache, shardings)
             return jnp.zeros((batch, config.vocab_size), jnp.float32), cache

@@ -248,6 +248,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     _num(c, "rollout.top_p", lo=0, hi=1, lo_open=True)
     _num(c, "rollout.batch_size", lo=1, integer=True)
     _num(c, "rollout.prefix_cache_gb", lo=0)
+    _choice(c, "rollout.cache_dtype", ("auto",) + DTYPES)
     _require(c.rollout.max_new_tokens < c.batch.max_seq_len, "rollout.max_new_tokens",
              c.rollout.max_new_tokens, f"must be below batch.max_seq_len ({c.batch.max_seq_len})")
     _num(c, "checkpoint.every", lo=0, integer=True)

@@ -149,7 +149,8 @@ class Run:
             self.model.params = None  # the state holds the trained copy; free the loaded one
         pad = self.model.tokenizer.eos_id if self.model.tokenizer.eos_id is not None else 0
         self.pad_id = pad
-        self.sampler = Sampler(self.mcfg, mesh=self.rollout_mesh, pad_id=pad)
+        self.sampler = Sampler(self.mcfg, mesh=self.rollout_mesh, pad_id=pad,
+                               cache_dtype=c.rollout.cache_dtype)
         r = c.rollout
         self.policy = self.make_policy(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                        top_k=r.top_k, top_p=r.top_p, params=self.state["params"])

@@ -383,6 +383,52 @@ def test_prefix_cache_keeps_within_max_bytes(params):
         PrefixCache(max_bytes=-1)
 
 
+@pytest.mark.parametrize("unstack", [True, False])
+def test_a_bfloat16_cache_halves_the_kept_bytes_and_samples_within_its_rounding(params, unstack):
+    """cache_dtype=bfloat16 under float32 activations: the cache is stored in bfloat16 (half the
+    bytes kept for a prefix), greedy decoding follows the float32 forward's argmax wherever its top
+    two logits are not within the rounding, and the log-probs stay close to the float32 forward's;
+    continuing from a kept bfloat16 prefix samples what the same sampler does without it."""
+    kw = dict(max_new_tokens=8, temperature=0)
+    kv_bytes, outs = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        sampler = Sampler(CFG, cache_dtype=dtype, unstack_layers=unstack)
+        assert sampler.cache_dtype == jnp.dtype(dtype)
+        cache = PrefixCache(min_tokens=2)
+        outs[dtype] = sampler.generate(params, PROMPTS, prefix_cache=cache, **kw)
+        kv = jax.tree_util.tree_leaves((cache.entries[0][0]["k"], cache.entries[0][0]["v"]))
+        assert {x.dtype for x in kv} == {jnp.dtype(dtype)}
+        kv_bytes[dtype] = sum(x.nbytes for x in kv)
+    assert kv_bytes["bfloat16"] * 2 == kv_bytes["float32"]
+    f32, bf16 = outs["float32"], outs["bfloat16"]
+    assert np.array_equal(bf16.lengths, f32.lengths)
+    # up to the first token where the two differ, each row's log-probs agree closely
+    for i, p in enumerate(PROMPTS):
+        ref, ref_lp = reference_greedy(params, p, 8)
+        row = bf16.row(i)
+        same = next((j for j, (a, b) in enumerate(zip(row, ref)) if a != b), len(row))
+        assert same >= 1, (i, row, ref)
+        np.testing.assert_allclose(bf16.logprobs[i, :same], ref_lp[:same], atol=0.05)
+    # a turn continuing a kept bfloat16 prefix samples what the bfloat16 sampler does from scratch
+    sampler = Sampler(CFG, cache_dtype="bfloat16", unstack_layers=unstack)
+    cache = PrefixCache(min_tokens=2)
+    out = sampler.generate(params, PROMPTS, prefix_cache=cache, **kw)
+    follow = [p + out.row(i) + [7, 8] for i, p in enumerate(PROMPTS)]
+    a = sampler.generate(params, follow, prefix_cache=cache, **kw)
+    b = sampler.generate(params, follow, **kw)
+    assert cache.reused_tokens > 0
+    assert np.array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_cache_dtype_is_checked():
+    assert Sampler(CFG).cache_dtype == jnp.dtype(CFG.jnp_dtype)
+    assert Sampler(CFG, cache_dtype="auto").cache_dtype == jnp.dtype(CFG.jnp_dtype)
+    for bad in ("int8", "float64x", 3):
+        with pytest.raises(ValueError, match="cache_dtype"):
+            Sampler(CFG, cache_dtype=bad)
+
+
 def test_prefix_cache_is_emptied_by_other_params(params):
     cache = PrefixCache(min_tokens=2)
     sampler = Sampler(CFG)

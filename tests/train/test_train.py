@@ -52,6 +52,7 @@ def _metrics(run_dir, split="train"):
      "at least 2"),
     (["--config=configs/grpo.py", "--config.rollout.top_p=0"], "rollout.top_p"),
     (["--config=configs/grpo.py", "--config.rollout.prefix_cache_gb=-1"], "rollout.prefix_cache_gb"),
+    (["--config=configs/grpo.py", "--config.rollout.cache_dtype=int8"], "rollout.cache_dtype"),
     (["--config=configs/grpo.py", "--config.games.names=nogame"], "unknown game"),
     (["--config=configs/grpo.py", "stray"], "unexpected argument"),
     (["--config=configs/grpo.py", "--config.grpo.sft_coef=-1"], "grpo.sft_coef"),
@@ -615,14 +616,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     assert [m["step"] for m in _metrics(run)] == list(range(1, step + 2))
 
 
-def test_rollout_prefix_cache_gb_bounds_every_policys_kept_caches(tiny_dir, tmp_path):
+def test_rollout_prefix_cache_gb_and_cache_dtype_reach_every_policy(tiny_dir, tmp_path):
     from playpen_jax.config import parse
     from train import loop
 
     run = loop.Run(validate(parse(_args(tiny_dir, str(tmp_path / "run"), **{
-        "games.partner": "reference", "rollout.prefix_cache_gb": 0.5}))))
+        "games.partner": "reference", "rollout.prefix_cache_gb": 0.5,
+        "rollout.cache_dtype": "bfloat16"}))))
     try:
         for policy in (run.policy, run.partner_policy, run.make_policy(max_new_tokens=4)):
             assert policy.prefix_cache.max_bytes == 2 ** 29
+        assert run.sampler.cache_dtype == jnp.dtype("bfloat16")   # every policy samples with it
+        assert {id(p.sampler) for p in (run.policy, run.partner_policy)} == {id(run.sampler)}
     finally:
         run.close()
