@@ -114,7 +114,7 @@ def get_base_config(method: str) -> ConfigDict:
     c.eval.at_start = True
     c.eval.games = "train"
     c.eval.split = "validation"
-    c.eval.limit = 1                # instances per game (0 = all)
+    c.eval.limit = 1                # instances per game (0 = all), from each experiment in turn
     c.eval.max_new_tokens = 64
 
     c.log = ConfigDict()

@@ -44,11 +44,27 @@ def parse_roles(spec: str, games: list[str]):
     return out
 
 
+def spread(episodes: list, limit: int) -> list:
+    """At most `limit` of a game's episodes, taken in turn from each of its experiments (the first
+    of each, then the second of each, ...), so that a limited evaluation covers every experiment
+    (a game's difficulty levels or variants) as evenly as the limit allows, in their order."""
+    by_exp: dict = {}
+    for ep in episodes:
+        by_exp.setdefault(str(ep.experiment.get("name", "")), []).append(ep)
+    out, k = [], 0
+    while len(out) < limit and any(k < len(v) for v in by_exp.values()):
+        out.extend(v[k] for v in by_exp.values() if k < len(v))
+        k += 1
+    return out[:limit]
+
+
 def episodes_for(games: list[str], split_name: str, seed: int, limit: int | None):
+    """Every game's instances of a split; with `limit`, at most that many per game, spread over
+    the game's experiments (`spread`)."""
     eps = []
     for g in games:
         got = registry.instances(g, split_name, seed)
-        eps.extend(got[:limit] if limit else got)
+        eps.extend(spread(got, limit) if limit else got)
     return eps
 
 
@@ -155,7 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--games", default="all", help="all, train, heldout, or a comma-separated list")
     p.add_argument("--split", default="test", choices=registry.SPLITS)
     p.add_argument("--seed", type=int, default=0, help="instance-generation and sampling seed")
-    p.add_argument("--limit", type=int, default=None, help="at most this many instances per game")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many instances per game, taken from each of its experiments in turn")
     p.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
     p.add_argument("--partner", default=None,
                    help="partner for the roles the model does not play: strong, weak (programmatic) "

@@ -74,3 +74,21 @@ def test_model_player_callback_plays_a_whole_episode(smollm2):
     assert replies and all(isinstance(e.content, str) for e in replies)
     # The model's words are what the game scored: its first reply is in the player's history.
     assert master.histories[0][1] == {"role": "assistant", "content": replies[0].content}
+
+
+def test_a_limited_evaluation_takes_its_episodes_from_every_experiment():
+    """--limit / eval.limit: the first instances of each experiment in turn, not the first
+    experiment's only (a game's experiments are its difficulty levels or variants)."""
+    eps = game_eval.episodes_for(["textmapworld_specificroom", "referencegame"], "test", 0, 4)
+    room = [e for e in eps if e.game == "textmapworld_specificroom"]
+    ref = [e for e in eps if e.game == "referencegame"]
+    assert [e.experiment["name"] for e in room] == ["on", "close", "far", "on"]
+    assert [int(e.instance["Specific_Room_Distance"]) > 0 for e in room] == [False, True, True, False]
+    assert len({e.experiment["name"] for e in ref}) == 4
+    every = registry.instances("textmapworld_specificroom", "test", 0)
+    first = {name: next(e for e in every if e.experiment["name"] == name) for name in ("on", "close", "far")}
+    assert [e.instance for e in room[:3]] == [first[n].instance for n in ("on", "close", "far")]
+    # at or past the number of instances: all of them, each once
+    assert len(game_eval.spread(every, 1000)) == len(every)
+    assert {id(e) for e in game_eval.spread(every, 1000)} == {id(e) for e in every}
+    assert game_eval.episodes_for(["wordle"], "test", 0, None) == registry.instances("wordle", "test", 0)
