@@ -23,5 +23,7 @@ def sft_section() -> ConfigDict:
     s.source = "strong"             # "strong" | a records directory
     s.episodes_per_game = 8         # strong-player episodes per game (source "strong")
     s.only_success = True           # train on successful episodes only
-    s.batch_size = 4                # sequences (one per player per episode) per step
+    s.batch_size = 4                # rows (a player's chat or a probe exchange) per step
+    s.probe_rows = 2                # probe exchanges (asked outside the chat, e.g. privateshared's
+                                    # "ME:" checks) per player per episode, rows of their own
     return s

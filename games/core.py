@@ -109,6 +109,10 @@ class GameMaster:
                 f"{self.game_name}: {len(self.roles)} player(s) ({', '.join(self.roles)}) but "
                 f"{len(self.player_models)} model name(s) given")
         self.histories: list[list[Message]] = [[] for _ in self.roles]
+        # Each probe exchange (see `ask`), per player: the messages it was asked with and its reply
+        # as a last assistant message. The histories never hold them, so a learner that trains on
+        # the histories alone never sees a probe.
+        self.probe_chats: list[list[tuple[Message, ...]]] = [[] for _ in self.roles]
         self.turns: list[list[Event]] = [[]]
         self.turn_scores: dict[int, dict[str, Any]] = {}
         self.episode_scores: dict[str, Any] = {}
@@ -167,7 +171,8 @@ class GameMaster:
             log_prompt: bool = True, log_reply: bool = True) -> Generator[Request, str, str]:
         """Sends `content` to a player and returns its reply (use with `yield from`).
 
-        With `probe=True` the exchange happens in a copy of the player's context and is not kept.
+        With `probe=True` the exchange happens in a copy of the player's context and is not kept
+        there; it is kept in `probe_chats`.
         With `content=None` the player answers its context as it stands. `log_prompt=False` /
         `log_reply=False` keep the prompt / the reply out of the interaction log (for exchanges a
         game logs in its own way, e.g. as GM->GM bookkeeping).
@@ -184,12 +189,15 @@ class GameMaster:
         if log_prompt and content is not None:
             self.log_event("GM", name, "send message", content)
         self.request_counts[-1] += 1
-        reply = yield Request(name, self.roles[player], tuple(dict(m) for m in messages), probe)
+        request = Request(name, self.roles[player], tuple(dict(m) for m in messages), probe)
+        reply = yield request
         if not isinstance(reply, str):
             reply = "" if reply is None else str(reply)
         if log_reply:
             self.log_event(name, "GM", "get message", reply)
-        if not probe:
+        if probe:
+            self.probe_chats[player].append(request.messages + ({"role": "assistant", "content": reply},))
+        else:
             self.histories[player].append({"role": "assistant", "content": reply})
         return reply
 

@@ -294,6 +294,7 @@ def validate(c: ConfigDict) -> ConfigDict:
                  "must be 'strong' or a records directory")
         _num(c, "sft.episodes_per_game", lo=1, integer=True)
         _num(c, "sft.batch_size", lo=1, integer=True)
+        _num(c, "sft.probe_rows", lo=0, integer=True)
     if c.method == "dpo":
         _num(c, "dpo.beta", lo=0, lo_open=True)
         _choice(c, "dpo.kind", ("sigmoid", "ipo", "orpo", "simpo"))

@@ -664,7 +664,8 @@ def _method_setup(r: Run):
     if c.method == "sft":
         rows, info = sft.build_dataset(c, r.model.tokenizer)
         print(f"sft: {info['rows']} rows from {info['episodes_kept']} of {info['episodes']} episodes "
-              f"({info['dropped_long']} too long)", file=sys.stderr)
+              f"({info['probe_rows']} of them probe exchanges; {info['dropped_long']} too long)",
+              file=sys.stderr)
         loss_fn = sft.make_loss_fn(r.mcfg)
 
         def sft_step(i: int) -> dict:

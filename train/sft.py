@@ -8,6 +8,11 @@ Sources:
 
 Each learner player's whole chat (its prompts and its replies, all turns) becomes one row: the ids of
 the chat template, with the loss on the assistant turns only (`Tokenizer.encode_chat`'s mask).
+A probe (a question a game asks outside the player's chat, e.g. privateshared's "ME: ... yes or
+no" checks) is not in that chat, so `sft.probe_rows` of each player's probe exchanges per episode,
+spread evenly from its first to its last, become rows of their own: the chat as the probe was
+asked, with the loss on the probe's reply only. Without them a learner never sees a probe reply
+and breaks that game's format at its first probe.
 """
 
 from __future__ import annotations
@@ -43,14 +48,32 @@ def _learner_players(master, game: str, learner_roles) -> list[str]:
     return [master.player_names[roles.index(r)] for r in chosen]
 
 
-def _chat_rows(tokenizer, master, game, learner_roles) -> list:
+def spread_picks(n: int, k: int) -> list[int]:
+    """k of the indices 0..n-1, evenly spread from the first to the last (all of them if k >= n)."""
+    if k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _chat_rows(tokenizer, master, game, learner_roles, probe_rows: int = 0) -> list:
     rows = []
     for player in _learner_players(master, game, learner_roles):
-        chat = master.histories[master.player_names.index(player)]
-        if not any(m["role"] == "assistant" for m in chat):
-            continue
-        enc = tokenizer.encode_chat(list(chat))
-        rows.append(buffers.TokenSequence(list(enc.ids), [int(x) for x in enc.assistant_mask]))
+        index = master.player_names.index(player)
+        chat = master.histories[index]
+        if any(m["role"] == "assistant" for m in chat):
+            enc = tokenizer.encode_chat(list(chat))
+            rows.append(buffers.TokenSequence(list(enc.ids), [int(x) for x in enc.assistant_mask]))
+        probes = master.probe_chats[index]
+        for k in spread_picks(len(probes), probe_rows):
+            enc = tokenizer.encode_chat(list(probes[k]))
+            _, start, end = enc.turns[-1]
+            mask = [0] * len(enc.ids)
+            mask[start:end] = [1] * (end - start)
+            rows.append(buffers.TokenSequence(list(enc.ids), mask))
     return rows
 
 
@@ -103,13 +126,16 @@ def build_dataset(c: ConfigDict, tokenizer, names: str | None = None) -> tuple[l
         masters = record_episodes(c.sft.source, set(games))
     kept = [(g, m) for g, m in masters
             if not c.sft.only_success or m.episode_scores.get(METRIC_SUCCESS)]
-    rows = [r for g, m in kept for r in _chat_rows(tokenizer, m, g, learner_roles)]
+    probe_rows = int(c.sft.probe_rows)
+    rows = [r for g, m in kept for r in _chat_rows(tokenizer, m, g, learner_roles, probe_rows)]
     fitting, dropped = buffers.split_fitting(rows, int(c.batch.max_seq_len))
     if not fitting:
         raise ConfigError(f"SFT: no training rows ({len(masters)} episodes, {len(kept)} kept, "
                          f"{dropped} rows longer than batch.max_seq_len={c.batch.max_seq_len})")
+    probes = sum(len(spread_picks(len(m.probe_chats[m.player_names.index(p)]), probe_rows))
+                 for g, m in kept for p in _learner_players(m, g, learner_roles))
     info = {"episodes": len(masters), "episodes_kept": len(kept), "rows": len(fitting),
-            "dropped_long": dropped}
+            "dropped_long": dropped, "probe_rows": probes}
     return fitting, info
 
 

@@ -86,6 +86,18 @@ def test_success_episode():
     assert [e.content for e in events(master, "parse")] == ["no", "no", "no", "yes", "yes", "yes"]
 
 
+def test_the_master_keeps_each_probe_exchange_outside_the_history():
+    master, _ = play_scripted(["ANSWER: Porto.", "ANSWER: From Oslo."], yn(flat(GOLD)))
+    chats = master.probe_chats[0]
+    assert len(chats) == 6
+    assert [c[-1] for c in chats] == [{"role": "assistant", "content": a} for a in yn(flat(GOLD))]
+    for c in chats:
+        assert c[-2]["role"] == "user" and c[-2]["content"].startswith("ME:")
+        # the context a probe was asked in is the history as it stood then
+        assert list(c[:-2]) == master.histories[0][:len(c) - 2]
+    assert not any(m["content"].startswith(("ME:", "ASIDE:")) for m in master.histories[0])
+
+
 def test_wrong_probe_gives_partial_kappa():
     # round 1 "from" answered yes although "from" is still private
     pred = [[0, 0], [1, 1], [1, 1]]

@@ -60,6 +60,7 @@ def _metrics(run_dir, split="train"):
      "sft.batch_size"),
     (["--config=configs/grpo.py", "--config.grpo.sft_coef=0.5", "--config.grpo.sft_games=nogame"],
      "grpo.sft_games"),
+    (["--config=configs/sft.py", "--config.sft.probe_rows=-1"], "sft.probe_rows"),
 ])
 def test_bad_configs_give_one_clear_error(argv, needle, capsys):
     assert train_main.main(argv) == 2
