@@ -90,8 +90,9 @@ def get_base_config(method: str) -> ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.batch_size = 32       # prompts per sampler call
     c.rollout.prefix_cache = True   # a turn prefills only what its prompt adds to the last turn's
-    c.rollout.prefix_cache_gb = 0.0  # bound on the caches kept for it; 0 = a quarter of the memory
-    #                                  of the devices sampled on (host memory on CPU)
+    c.rollout.prefix_cache_gb = 0.0  # bound on the caches kept for it, per policy; 0 = a quarter of
+    #                                  the memory of the devices sampled on (host memory on CPU),
+    #                                  halved for each of two policies (games.partner=reference)
     c.rollout.cache_dtype = "auto"  # KV cache storage: "auto" (= model.dtype) | "bfloat16" (half the
     #                                 memory under float32 activations) | "float32"
 

@@ -10,9 +10,9 @@ Each turn of a game prompts with the whole chat so far, so a policy keeps the KV
 calls (`models.sampler.PrefixCache`) and prefills only what a prompt adds to a kept row: the reply
 as the chat template wraps it and the next message. `play` empties it when the episodes end (and a
 call with other params does). `prefix_cache=False` prefills every prompt whole. The kept caches
-are bounded in bytes (`prefix_cache_bytes`; default a quarter of the memory of the devices the
-sampler runs on, the host's on CPU): a game played by many episodes at once keeps one cache per
-sampler call of a turn, and a call's cache can be GBs.
+are bounded in bytes (`prefix_cache_bytes`; default `prefix_cache_share`, a quarter, of the memory
+of the devices the sampler runs on, the host's on CPU): a game played by many episodes at once
+keeps one cache per sampler call of a turn, and a call's cache can be GBs.
 
 `play(env, learner, partner)` runs a `games.env.BatchedGameEnv` to the end: at every step all
 pending learner requests of all live episodes go to the learner policy in one call (and the
@@ -51,7 +51,7 @@ class ModelPolicy:
     def __init__(self, model, *, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 32, sampler=None,
                  strip: bool = True, params=None, prefix_cache: bool = True,
-                 prefix_cache_bytes: Optional[int] = None):
+                 prefix_cache_bytes: Optional[int] = None, prefix_cache_share: float = 0.25):
         self.model = model
         self.params = model.params if params is None else params
         self.sampler = sampler or gen.make_sampler(model)
@@ -68,7 +68,7 @@ class ModelPolicy:
             if prefix_cache_bytes is None:
                 mesh = getattr(self.sampler, "mesh", None)
                 total = memory_bytes(mesh.devices.flat if mesh is not None else None)
-                prefix_cache_bytes = None if total is None else total // 4
+                prefix_cache_bytes = None if total is None else int(total * prefix_cache_share)
             self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
 
     def forget(self) -> None:

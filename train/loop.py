@@ -210,11 +210,16 @@ class Run:
 
     # ----- processes --------------------------------------------------------------------------
     def make_policy(self, **kwargs) -> RolloutPolicy:
+        """A policy on this run's sampler. Its kept KV caches are bounded by rollout.prefix_cache_gb,
+        or by default a quarter of the memory sampled on, shared by the policies that play at once
+        (the learner and, with games.partner=reference, the frozen partner: an eighth each)."""
         r = self.c.rollout
         gb = float(r.get("prefix_cache_gb", 0.0))
+        share = 0.25 / (2 if self.c.games.partner == "reference" else 1)
         return RolloutPolicy(self.model, convert=self.rollout_params, batch_size=r.batch_size,
                              sampler=self.sampler, prefix_cache=bool(r.get("prefix_cache", True)),
-                             prefix_cache_bytes=int(gb * 2**30) if gb > 0 else None, **kwargs)
+                             prefix_cache_bytes=int(gb * 2**30) if gb > 0 else None,
+                             prefix_cache_share=share, **kwargs)
 
     def rollout_params(self, params):
         """`params` as this process samples from them: the arrays themselves with one process; with

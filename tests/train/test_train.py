@@ -631,3 +631,24 @@ def test_rollout_prefix_cache_gb_and_cache_dtype_reach_every_policy(tiny_dir, tm
         assert {id(p.sampler) for p in (run.policy, run.partner_policy)} == {id(run.sampler)}
     finally:
         run.close()
+
+
+def test_two_policies_that_play_at_once_share_the_default_prefix_cache_bound(tiny_dir, tmp_path):
+    """prefix_cache_gb=0: a quarter of the host's memory for the learner alone; with a frozen
+    partner model, whose caches live beside the learner's, an eighth each."""
+    from models.sampler import memory_bytes
+    from playpen_jax.config import parse
+    from train import loop
+
+    total = memory_bytes(None)
+    assert total
+    bounds = {}
+    for partner in ("strong", "reference"):
+        argv = _args(tiny_dir, str(tmp_path / partner), **{"games.partner": partner})
+        run = loop.Run(validate(parse(argv)))
+        try:
+            policies = [run.policy] + ([run.partner_policy] if partner == "reference" else [])
+            bounds[partner] = {p.prefix_cache.max_bytes for p in policies}
+        finally:
+            run.close()
+    assert bounds == {"strong": {int(total * 0.25)}, "reference": {int(total * 0.125)}}
