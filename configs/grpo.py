@@ -32,6 +32,11 @@ def get_config() -> ConfigDict:
     # which learner turns carry an episode's advantage: "episode" (all) | "abort_turn" (in an
     # aborted episode only the reply that broke the rules; the accepted turns before it are context)
     c.grpo.credit = "episode"
+    # probe turns (asked outside the chat, e.g. privateshared's "ME:" checks; each one's prompt is the
+    # whole chat so far, so training all of an episode's dozens costs dozens of chats) that train
+    # per episode: this many, spread from the first to the last, and the episode's last turn if it
+    # is a probe (the reply an abort blames); the others are left out. -1: all of them.
+    c.grpo.probe_turns = 4
     # true: play and log every step's rollouts but never update (a control: the starting policy on
     # the same draws and sampling keys as a training run with the same seed and settings)
     c.grpo.rollout_only = False

@@ -71,6 +71,17 @@ def completion(prompt_ids: Sequence[int], reply_ids: Sequence[int],
     return TokenSequence(tokens, mask, old, **scalars)
 
 
+def spread_picks(n: int, k: int) -> list[int]:
+    """k of the indices 0..n-1, evenly spread from the first to the last (all of them if k >= n)."""
+    if k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
 def chat_sequences(turns: Sequence, *, max_len: Optional[int] = None, **scalars) -> list:
     """An episode's sampled turns as few rows as possible: a turn whose prompt starts with the
     tokens of a row built so far (an earlier prompt and its sampled reply, id for id) extends that

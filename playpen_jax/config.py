@@ -272,6 +272,7 @@ def validate(c: ConfigDict) -> ConfigDict:
         _choice(c, "grpo.ratio_level", ("token", "sequence"))
         _choice(c, "grpo.overlong", ("none", "filter", "penalty"))
         _choice(c, "grpo.credit", ("episode", "abort_turn"))
+        _num(c, "grpo.probe_turns", lo=-1, integer=True)
         _num(c, "grpo.max_refill_rounds", lo=0, integer=True)
         _num(c, "grpo.overlong_buffer", lo=0, integer=True)
         _num(c, "grpo.overlong_penalty", lo=0)

@@ -130,6 +130,7 @@ class Trace:
     tokens: list
     logprobs: list
     truncated: bool = False   # the reply hit max_new_tokens before a stop
+    probe: bool = False       # asked outside the player's chat (`games.core.Request.probe`)
 
 
 def turn_seed(episode: int, turn: int) -> int:
@@ -194,7 +195,7 @@ def _play(env, learner, partner, on_step, episode_offset) -> list:
                 trace = None
                 if isinstance(out, PolicyOutput) and out.prompt_ids[i] is not None:
                     trace = Trace(list(out.prompt_ids[i]), list(out.tokens[i]), list(out.logprobs[i]),
-                                  bool(out.truncated[i]) if out.truncated else False)
+                                  bool(out.truncated[i]) if out.truncated else False, bool(r.probe))
                 traces.setdefault(r.episode_id, []).append(trace)
         if theirs:
             if partner is None:

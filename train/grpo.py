@@ -9,7 +9,8 @@ policy-gradient signal: with `drop_zero_variance` its rows are left out, and wit
 ones (see `collect`). Every learner turn of the episode is trained on as the sampler saw it (the
 prompt it was given + the sampled reply), and all its reply tokens carry the episode's advantage;
 with `grpo.credit=abort_turn`, an aborted episode trains only the reply that broke the game's rules
-(`credited_turns`).
+(`credited_turns`). Of the probe turns (questions a game asks outside the chat), `grpo.probe_turns`
+per episode train (`probe_picks`); the others are left out and counted in "dropped_probes".
 With `grpo.merge_turns` (the default) the turns of one episode whose prompts continue a player's
 chat share one sequence, that player's whole chat with the loss on each of its replies
 (`buffers.chat_sequences`; in self-play one sequence per player): the same token-mean loss and
@@ -135,6 +136,20 @@ def credited_turns(f, traces: list, credit: str) -> list:
     return [blamed and k == n - 1 for k in range(n)]
 
 
+def probe_picks(traces: list, limit: int) -> set:
+    """Which of an episode's probe turns (`Trace.probe`) train: all with limit -1; else `limit` of
+    them spread from the first to the last, and the episode's last turn if it is a probe (the
+    reply an abort at a probe blames). A probe is a side branch of its player's chat, so leaving one
+    out changes no other turn's prompt; its row would repeat the chat so far."""
+    probes = [k for k, t in enumerate(traces) if t is not None and t.probe]
+    if limit < 0:
+        return set(probes)
+    keep = {probes[i] for i in buffers.spread_picks(len(probes), limit)}
+    if limit > 0 and probes and probes[-1] == len(traces) - 1:
+        keep.add(probes[-1])
+    return keep
+
+
 def _draw(rng: np.random.Generator, pool: list, n: int) -> list:
     picks = []
     for _ in range(n):
@@ -205,7 +220,7 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
            else np.zeros((0,), np.float32))
     flat = {gid for gid, x in enumerate(flat_all) if x == 1}
     kept = [gid for gid in range(played) if gid not in flat][:target] if g.dynamic_sampling else None
-    seqs, no_fit, flat_turns, overlong, surplus, context = [], 0, 0, 0, 0, 0
+    seqs, no_fit, flat_turns, overlong, surplus, context, probes_out = [], 0, 0, 0, 0, 0, 0
     for (f, traces), a in zip(finished, adv):
         if (g.drop_zero_variance or g.dynamic_sampling) and int(f.tag) in flat:
             flat_turns += len(traces)
@@ -214,10 +229,14 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
             surplus += len(traces)
             continue
         turns = []
-        for t, credited in zip(traces, credited_turns(f, traces, g.credit)):
+        probes = probe_picks(traces, int(g.probe_turns))
+        for k, (t, credited) in enumerate(zip(traces, credited_turns(f, traces, g.credit))):
             if t is None:
                 no_fit += 1
                 turns.append(None)
+                continue
+            if t.probe and k not in probes:
+                probes_out += 1
                 continue
             cut = g.overlong == "filter" and t.truncated
             overlong += int(cut)
@@ -242,6 +261,8 @@ def collect(pool: list, c: ConfigDict, step: int, learner, partner, learner_role
         m["dropped_overlong"] = overlong
     if g.credit != "episode":
         m["context_turns"] = context
+    if probes_out:
+        m["dropped_probes"] = probes_out
     if g.overlong == "penalty":
         m["penalized_replies"] = sum(
             1 for _, ts in finished for t in ts if t is not None

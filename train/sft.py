@@ -48,17 +48,6 @@ def _learner_players(master, game: str, learner_roles) -> list[str]:
     return [master.player_names[roles.index(r)] for r in chosen]
 
 
-def spread_picks(n: int, k: int) -> list[int]:
-    """k of the indices 0..n-1, evenly spread from the first to the last (all of them if k >= n)."""
-    if k >= n:
-        return list(range(n))
-    if k <= 0:
-        return []
-    if k == 1:
-        return [0]
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
-
-
 def _chat_rows(tokenizer, master, game, learner_roles, probe_rows: int = 0) -> list:
     rows = []
     for player in _learner_players(master, game, learner_roles):
@@ -68,7 +57,7 @@ def _chat_rows(tokenizer, master, game, learner_roles, probe_rows: int = 0) -> l
             enc = tokenizer.encode_chat(list(chat))
             rows.append(buffers.TokenSequence(list(enc.ids), [int(x) for x in enc.assistant_mask]))
         probes = master.probe_chats[index]
-        for k in spread_picks(len(probes), probe_rows):
+        for k in buffers.spread_picks(len(probes), probe_rows):
             enc = tokenizer.encode_chat(list(probes[k]))
             _, start, end = enc.turns[-1]
             mask = [0] * len(enc.ids)
@@ -132,7 +121,7 @@ def build_dataset(c: ConfigDict, tokenizer, names: str | None = None) -> tuple[l
     if not fitting:
         raise ConfigError(f"SFT: no training rows ({len(masters)} episodes, {len(kept)} kept, "
                          f"{dropped} rows longer than batch.max_seq_len={c.batch.max_seq_len})")
-    probes = sum(len(spread_picks(len(m.probe_chats[m.player_names.index(p)]), probe_rows))
+    probes = sum(len(buffers.spread_picks(len(m.probe_chats[m.player_names.index(p)]), probe_rows))
                  for g, m in kept for p in _learner_players(m, g, learner_roles))
     info = {"episodes": len(masters), "episodes_kept": len(kept), "rows": len(fitting),
             "dropped_long": dropped, "probe_rows": probes}

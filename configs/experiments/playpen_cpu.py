@@ -41,8 +41,9 @@ def get_config() -> ConfigDict:
     # training steps about 1.15x faster there; on CPUs without them (AVX2 alone) a train step was
     # 1.25x slower so, and "auto" keeps float32 (BENCHMARKS.md). "" for plain float32 everywhere.
     c.common = "model.matmul_dtype=auto"
-    # SFT: about 2 epochs of the 352 chats of 32 strong-player episodes per game; a step of 8 chats
-    # takes about a minute on 2 CPU cores (float32), so about 1.5 hours.
+    # SFT: about 1.7 epochs of the 416 rows of 32 strong-player episodes per game (352 chats and 64
+    # private/shared probe exchanges); a step of 8 rows takes about a minute on 2 CPU cores
+    # (float32), so about 1.5 hours.
     c.sft = ("steps=90;optimizer.learning_rate=2e-5;sft.episodes_per_game=32;sft.batch_size=8;"
              "optimizer.schedule=cosine;optimizer.warmup_steps=10;checkpoint.every=15;eval.every=45")
     c.dpo = ("steps=40;dpo.prefix_episodes=16;dpo.pairs_per_step=8;optimizer.learning_rate=5e-7;"

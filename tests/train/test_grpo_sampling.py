@@ -288,3 +288,65 @@ def test_each_step_samples_fresh_draws_and_a_resumed_step_the_same(tiny):
     assert first == again
     assert first != second
     assert sum(a != b for a, b in zip(first, second)) >= 3   # new draws for (nearly) every row
+
+
+# ----- probe turns -------------------------------------------------------------------------------
+
+class _StrongAnswerer:
+    """A privateshared learner: the strong programmatic answerer, except that in even-numbered
+    episodes it answers every probe outside the "ASIDE:" format (the game aborts after five tries)."""
+
+    def __init__(self, tokenizer, ep):
+        self.tok, self.ep, self.players = tokenizer, ep, {}
+
+    def __call__(self, reqs):
+        texts = []
+        for r in reqs:
+            player = self.players.setdefault(r.episode_id,
+                                             registry.make_player("privateshared", "strong", r.role, self.ep))
+            strong = player(list(r.messages))
+            texts.append("maybe" if r.probe and r.episode_id % 2 == 0 else strong)
+        prompts = [self.tok.encode_chat(list(r.messages), add_generation_prompt=True).ids for r in reqs]
+        replies = [list(self.tok.encode(t)) for t in texts]
+        self.last = PolicyOutput(texts, prompts, replies, [[-1.0] * len(x) for x in replies],
+                                 [False] * len(reqs))
+        return texts
+
+
+def test_probe_turns_train_a_few_probes_of_an_episode_and_always_an_abort_s_last(tiny):
+    """privateshared asks dozens of probes outside the answerer's chat, each prompted with the chat
+    so far: grpo.probe_turns of them train per episode (first to last, and the blamed last reply
+    of an abort at a probe), the others are left out; -1 trains all of them."""
+    ep = registry.instances("privateshared", "train", 0)[0]
+    ro = {}
+    for limit in (-1, 2):
+        c = _config(**{"games.names": "privateshared", "grpo.probe_turns": limit, "batch.max_seq_len": 8192,
+                       "grpo.drop_zero_variance": False})
+        ro[limit] = grpo.collect([[ep]], c, 0, _StrongAnswerer(tiny.tokenizer, ep), None, "all",
+                                 RewardConfig("quality", 0.5), env_partner="strong")
+    fin = ro[-1].finished
+    played = [t for f, t in fin if not f.episode_scores.get("Aborted")]
+    aborted = [t for f, t in fin if f.episode_scores.get("Aborted")]
+    assert len(played) == 4 and len(aborted) == 4
+    n_probes = [sum(x.probe for x in t) for t in played]
+    assert all(n >= 10 for n in n_probes)
+    assert all([x.probe for x in t] == [True] * 5 for t in aborted)   # five tries at the first probe
+    # an aborted episode: its first and last probe (the last is the blamed reply anyway)
+    assert grpo.probe_picks(aborted[0], 2) == {0, 4}
+    assert grpo.probe_picks(aborted[0], 1) == {0, 4} and grpo.probe_picks(aborted[0], 0) == set()
+    k = [i for i, x in enumerate(played[0]) if x.probe]
+    assert grpo.probe_picks(played[0], 2) == {k[0], k[-1]} and grpo.probe_picks(played[0], -1) == set(k)
+    m_all, m_two = ro[-1].metrics, ro[2].metrics
+    assert "dropped_probes" not in m_all
+    assert m_two["dropped_probes"] == sum(n - 2 for n in n_probes) + 4 * 3
+    assert m_all["rows"] - m_two["rows"] == m_two["dropped_probes"]
+    assert m_two["sequence_tokens"] < m_all["sequence_tokens"] / 2
+    # an aborted episode's first and last probe train
+    bad = tuple(tiny.tokenizer.encode("maybe"))
+    trained = [tuple(x for x, m in zip(s.tokens, s.loss_mask) if m) for s in ro[2].sequences]
+    assert sum(ids == bad for ids in trained) == 8   # each abort's first and last "maybe", a row each
+
+
+def test_probe_turns_setting_is_checked():
+    with pytest.raises(ConfigError, match="grpo.probe_turns"):
+        _config(**{"grpo.probe_turns": -2})

@@ -4,6 +4,7 @@ import pytest
 
 from configs.sft import get_config
 from models.tokenizer import load_tokenizer
+from playpen_jax import buffers
 from train import sft
 
 
@@ -30,7 +31,7 @@ def _trained_text(tok, row) -> str:
     (4, 1, [0]), (0, 2, []),
 ])
 def test_probe_picks_spread_from_the_first_to_the_last(n, k, picks):
-    assert sft.spread_picks(n, k) == picks
+    assert buffers.spread_picks(n, k) == picks
 
 
 def test_probe_exchanges_become_rows_that_train_the_probe_reply_only(tok):
